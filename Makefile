@@ -1,0 +1,33 @@
+# The README's two commands: `make reproduce` and `make test`. Both create the environment when needed
+# and reuse it afterwards (the stamp file depends on requirements.txt and pyproject.toml).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_AUTH_MODE := disabled
+export PYTHONUNBUFFERED := 1
+
+.PHONY: env reproduce test clean-data
+
+env: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo ">> installing pinned dependencies into $(VENV) (first time: a few minutes)"
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	@$(PY) -c "import torch, ray, mlflow, dvc, decord, librosa, cv2, av, mmrobust" 
+	@touch $@
+
+reproduce: $(STAMP)
+	$(VENV)/bin/dvc repro
+	@echo ">> results: data/ (see README, 'Where results are')"
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+clean-data:
+	rm -rf data/synthetic data/manifest data/features

@@ -1,0 +1,217 @@
+"""One typed, validated configuration loaded from params.yaml: one group per stage.
+
+Every model forbids unknown keys, so a typo stops the stage before any work, with a message that names the
+key path and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A params file that does not validate; the message names every bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- generate (synthetic dataset)
+class SyntheticAudio(_Strict):
+    snr_db: float = Field(10.0, ge=-30, le=60, description="class chord power over background noise")
+    ambiguity: float = Field(0.15, ge=0, le=1, description="probability that the sound belongs to another class")
+
+
+class SyntheticVisual(_Strict):
+    noise_std: float = Field(0.25, ge=0, le=2, description="pixel noise std on a [0,1] image")
+    distractors: int = Field(2, ge=0, le=20, description="moving objects of random classes")
+    object_scale: float = Field(0.10, gt=0, le=0.5, description="object radius / frame size")
+    ambiguity: float = Field(0.05, ge=0, le=1, description="probability that the object belongs to another class")
+
+
+class GenerateCfg(_Strict):
+    seed: int = 2024
+    out_dir: str = "data/synthetic"
+    num_classes: int = Field(6, ge=2, le=64)
+    train_per_class: int = Field(40, ge=1)
+    test_per_class: int = Field(15, ge=1)
+    duration_s: float = Field(4.0, gt=0.5, le=60)
+    fps: int = Field(10, ge=2, le=60)
+    size: int = Field(64, ge=16, le=1024)
+    sample_rate: int = Field(16000, ge=8000, le=48000)
+    audio: SyntheticAudio = SyntheticAudio()
+    visual: SyntheticVisual = SyntheticVisual()
+
+    @model_validator(mode="after")
+    def _even_size(self):
+        if self.size % 2:
+            raise ValueError(f"generate.size must be even for h264/yuv420p, got {self.size}")
+        return self
+
+
+# ---------------------------------------------------------------- data (ingest)
+class KSLayout(_Strict):
+    train_list: str = "train.txt"
+    test_list: str = "test.txt"
+    video_dir: str = "videos"
+    classes_file: Optional[str] = "classes.txt"  # optional `<id> <name>` lines; missing file -> names = ids
+
+
+class VGGSoundLayout(_Strict):
+    csv: str = "vggsound.csv"
+    video_dir: str = "video"
+
+
+class UCF101Layout(_Strict):
+    split: Literal[1, 2, 3] = 1
+    list_dir: str = "ucfTrainTestlist"
+    video_dir: str = "UCF-101"
+    flow_dir: Optional[str] = None  # pre-extracted TV-L1: <flow_dir>/u/<video>/frame%06d.jpg and v/...
+
+
+class DataCfg(_Strict):
+    dataset: Literal["synthetic", "ks", "vggsound", "ucf101"] = "synthetic"
+    root: str = "data/synthetic"
+    out_dir: str = "data/manifest"
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 2024
+    ks: KSLayout = KSLayout()
+    vggsound: VGGSoundLayout = VGGSoundLayout()
+    ucf101: UCF101Layout = UCF101Layout()
+
+
+# ---------------------------------------------------------------- extract
+AUDIO_PRESETS: dict[str, dict] = {
+    # Paper / AST lineage: 128-mel log filterbank, 25 ms window, 10 ms hop, 1024 frames, AudioSet statistics.
+    "audioset_fbank": dict(kind="fbank", sample_rate=16000, n_mels=128, win_ms=25.0, hop_ms=10.0, frames=1024,
+                           n_fft=512, clip_s=10.24, norm_mean=-4.503877, norm_std=5.141276),
+    # OGM-GE lineage for VGGSound: 5 s crop, log(|STFT| + 1e-7), n_fft 256, hop 128.
+    "vggsound_stft": dict(kind="stft", sample_rate=16000, n_mels=0, win_ms=16.0, hop_ms=8.0, frames=626,
+                          n_fft=256, clip_s=5.0, norm_mean=0.0, norm_std=0.5),
+    # CPU default: same fbank maths, fewer mel bins and a coarser hop.
+    "cpu_fbank": dict(kind="fbank", sample_rate=16000, n_mels=64, win_ms=40.0, hop_ms=20.0, frames=200,
+                      n_fft=1024, clip_s=4.0, norm_mean=-4.503877, norm_std=5.141276),
+}
+
+
+class AudioCfg(_Strict):
+    preset: Literal["audioset_fbank", "vggsound_stft", "cpu_fbank"] = "cpu_fbank"
+    # Any field left null takes the preset's value.
+    kind: Optional[Literal["fbank", "stft"]] = None
+    sample_rate: Optional[int] = Field(None, ge=8000, le=48000)
+    n_mels: Optional[int] = Field(None, ge=0, le=512)
+    win_ms: Optional[float] = Field(None, gt=0, le=200)
+    hop_ms: Optional[float] = Field(None, gt=0, le=100)
+    n_fft: Optional[int] = Field(None, ge=16, le=8192)
+    frames: Optional[int] = Field(None, ge=8, le=8192)
+    clip_s: Optional[float] = Field(None, gt=0, le=60)
+    norm_mean: Optional[float] = None
+    norm_std: Optional[float] = Field(None, gt=0)
+
+    def resolved(self) -> "AudioCfg":
+        values = dict(AUDIO_PRESETS[self.preset])
+        values.update({k: v for k, v in self.model_dump().items() if v is not None and k != "preset"})
+        out = AudioCfg(preset=self.preset, **values)
+        if out.kind == "fbank" and out.n_mels < 1:
+            raise ConfigError("extract.audio.n_mels: must be >= 1 for kind 'fbank'")
+        if out.n_fft < out.sample_rate * out.win_ms / 1000:
+            raise ConfigError(f"extract.audio.n_fft: {out.n_fft} is shorter than the window "
+                              f"({out.sample_rate * out.win_ms / 1000:.0f} samples)")
+        return out
+
+
+class TimingCfg(_Strict):
+    """Which time steps the frame modalities (visual, flow, diff) keep; shared so that they stay aligned."""
+    fps: float = Field(2.0, gt=0, le=30, description="decode rate; the paper uses 1 fps")
+    max_frames: int = Field(8, ge=3, le=300, description="frames stored per clip (padded); training samples from them")
+
+
+class VisualCfg(_Strict):
+    size: int = Field(64, ge=16, le=1024, description="stored frames are size x size; the paper uses 224")
+
+
+class FlowCfg(_Strict):
+    algorithm: Literal["farneback", "tvl1"] = "farneback"
+    source: Literal["compute", "precomputed"] = "compute"
+    bound: float = Field(15.0, gt=0, le=100)
+    size: int = Field(64, ge=16, le=1024)
+    precomputed_fps: float = Field(25.0, gt=0, le=240, description="frame rate of pre-extracted u/v jpg dumps")
+
+
+class DiffCfg(_Strict):
+    size: int = Field(64, ge=16, le=1024)
+
+
+class ExtractCfg(_Strict):
+    out_dir: str = "data/features"
+    # Two lists because DVC generates one stage per entry and the two kinds declare different params.
+    frame_modalities: list[Literal["visual", "flow", "diff"]] = ["visual"]
+    audio_modalities: list[Literal["audio"]] = ["audio"]  # [] for a dataset without sound (UCF101)
+    workers: int = Field(2, ge=1, le=256)
+    max_reject_fraction: float = Field(0.2, ge=0, le=1)
+    min_duration_s: float = Field(0.5, ge=0, le=60, description="shorter clips are rejected")
+    timing: TimingCfg = TimingCfg()
+    visual: VisualCfg = VisualCfg()
+    audio: AudioCfg = AudioCfg()
+    flow: FlowCfg = FlowCfg()
+    diff: DiffCfg = DiffCfg()
+
+    @property
+    def modalities(self) -> list[str]:
+        return [*self.frame_modalities, *self.audio_modalities]
+
+    @model_validator(mode="after")
+    def _unique(self):
+        for key in ("frame_modalities", "audio_modalities"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"extract.{key}: duplicate entries in {values}")
+        return self
+
+
+# ---------------------------------------------------------------- the whole file
+class Params(_Strict):
+    generate: GenerateCfg = GenerateCfg()
+    data: DataCfg = DataCfg()
+    extract: ExtractCfg = ExtractCfg()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid parameter(s):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"got {e.get('input')!r}; allowed values: {e['ctx']['expected']}"
+        else:
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict | None, source: str = "params") -> Params:
+    try:
+        params = Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    params.extract.audio.resolved()  # cross-field checks of the audio preset
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage groups")
+    return parse_params(raw, str(path))

@@ -1,0 +1,47 @@
+"""Fixture builders shared by the tests: tiny real clips and manifests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mmrobust.data.media import write_clip
+from mmrobust.io import write_csv
+
+SR = 16000
+
+
+def textured_translation(frames: int = 20, size: int = 64, dx: int = 1, dy: int = 0, seed: int = 0) -> np.ndarray:
+    """A random-texture patch on a flat background that moves (dx, dy) pixels per frame."""
+    rng = np.random.default_rng(seed)
+    patch = (rng.random((size // 2, size // 2, 3)) * 255).astype(np.uint8)
+    out = np.full((frames, size, size, 3), 90, np.uint8)
+    p = size // 2
+    for t in range(frames):
+        y, x = size // 4 + dy * t, size // 8 + dx * t
+        ys, xs = slice(max(y, 0), min(y + p, size)), slice(max(x, 0), min(x + p, size))
+        out[t, ys, xs] = patch[ys.start - y: ys.stop - y, xs.start - x: xs.stop - x]
+    return out
+
+
+def tone(freq: float, seconds: float, sr: int = SR, amp: float = 0.3) -> np.ndarray:
+    return (amp * np.sin(2 * np.pi * freq * np.arange(int(seconds * sr)) / sr)).astype(np.float32)
+
+
+def make_clip(path: Path, seconds: float = 2.0, fps: int = 10, size: int = 64, freq: float | None = 440.0,
+              dx: int = 1, dy: int = 0, seed: int = 0) -> Path:
+    frames = textured_translation(int(seconds * fps), size, dx, dy, seed)
+    audio = tone(freq, seconds) if freq else None
+    write_clip(path, frames, fps, audio, SR)
+    return path
+
+
+def write_manifest(out_dir: Path, root: Path, rows: list[dict]) -> Path:
+    """A manifest as the ingest stage writes it (clips.csv + summary.json)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full = [dict(clip_id=r["clip_id"], path=r["path"], label=r.get("label", 0),
+                 label_name=str(r.get("label", 0)), split=r.get("split", "train")) for r in rows]
+    write_csv(out_dir / "clips.csv", full, ["clip_id", "path", "label", "label_name", "split"])
+    (out_dir / "summary.json").write_text(json.dumps({"root": str(root), "dataset": "ks"}))
+    return out_dir
