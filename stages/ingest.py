@@ -1,0 +1,43 @@
+"""Stage `ingest`: validate the dataset layout named in params.yaml (`data`) and write the clip manifest.
+
+    python -m stages.ingest [--params params.yaml]
+
+Exit status 2 on a bad params file or a layout that cannot be ingested (message on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mmrobust.config import ConfigError, load_params
+from mmrobust.data.ingest import IngestError, ingest
+from mmrobust.io import read_csv
+
+SHOW_REJECTED = 5
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_params(args.params).data
+        summary = ingest(cfg)
+    except (ConfigError, IngestError) as err:
+        print(f"ingest: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out_dir)
+    counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    print(f"ingest: {summary['dataset']} at {summary['root']}: {summary['num_classes']} classes; {counts}; "
+          f"{summary['rejected']} rejected")
+    print(f"ingest: manifest in {out}/ (clips.csv, classes.csv, rejected.csv, summary.json)")
+    for r in read_csv(out / "rejected.csv")[:SHOW_REJECTED]:
+        print(f"  rejected {r['source']}:{r['line']}: {r['reason']}")
+    if summary["rejected"] > SHOW_REJECTED:
+        print(f"  ... {summary['rejected'] - SHOW_REJECTED} more in {out / 'rejected.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmrobust.config import AUDIO_PRESETS, ConfigError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_validate_and_round_trip():
+    params = load_params(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # every key of the file reaches the typed config unchanged
+    assert params.model_dump(include=set(raw))["generate"] == {**params.generate.model_dump(), **raw["generate"]}
+    assert params.extract.modalities == raw["extract"]["frame_modalities"] + raw["extract"]["audio_modalities"]
+
+
+@pytest.mark.parametrize("preset_file", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_preset_files_validate(preset_file):
+    load_params(preset_file)
+
+
+@pytest.mark.parametrize("raw,key,fragment", [
+    ({"data": {"datset": "ks"}}, "data.datset", "unknown key"),
+    ({"data": {"dataset": "kinetics"}}, "data.dataset", "'synthetic', 'ks', 'vggsound' or 'ucf101'"),
+    ({"generate": {"num_classes": "many"}}, "generate.num_classes", "valid integer"),
+    ({"generate": {"num_classes": 1}}, "generate.num_classes", "greater than or equal to 2"),
+    ({"extract": {"audio": {"preset": "mfcc"}}}, "extract.audio.preset", "audioset_fbank"),
+    ({"extract": {"frame_modalities": ["visual", "sound"]}}, "extract.frame_modalities.1", "'visual', 'flow' or 'diff'"),
+    ({"extract": {"timing": {"max_frames": 2}}}, "extract.timing.max_frames", "greater than or equal to 3"),
+    ({"trian": {}}, "trian", "unknown key"),
+])
+def test_bad_params_name_key_and_allowed_values(raw, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw, "params.yaml")
+    text = str(err.value)
+    assert f"  {key}:" in text and fragment in text
+
+
+def test_odd_frame_size_and_short_fft_are_rejected():
+    with pytest.raises(ConfigError, match="even"):
+        parse_params({"generate": {"size": 33}})
+    with pytest.raises(ConfigError, match="extract.audio.n_fft"):
+        parse_params({"extract": {"audio": {"preset": "audioset_fbank", "n_fft": 128}}})
+    with pytest.raises(ConfigError, match="duplicate"):
+        parse_params({"extract": {"frame_modalities": ["visual", "visual"]}})
+
+
+def test_audio_preset_values_and_override():
+    paper = parse_params({"extract": {"audio": {"preset": "audioset_fbank"}}}).extract.audio.resolved()
+    assert (paper.n_mels, paper.win_ms, paper.hop_ms, paper.frames, paper.sample_rate) == (128, 25.0, 10.0, 1024, 16000)
+    assert (paper.norm_mean, paper.norm_std) == (-4.503877, 5.141276)
+    vggs = parse_params({"extract": {"audio": {"preset": "vggsound_stft"}}}).extract.audio.resolved()
+    assert (vggs.kind, vggs.n_fft, vggs.hop_ms * 16, vggs.clip_s) == ("stft", 256, 128, 5.0)
+    custom = parse_params({"extract": {"audio": {"preset": "cpu_fbank", "n_mels": 40}}}).extract.audio.resolved()
+    assert custom.n_mels == 40 and custom.hop_ms == AUDIO_PRESETS["cpu_fbank"]["hop_ms"]
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(bad)
