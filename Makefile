@@ -9,6 +9,8 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
+# DVC stage commands call `python`: it must be this environment's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: env reproduce test clean-data
 

@@ -1,0 +1,88 @@
+"""Name -> constructor registries for encoders and fusion heads, and `build_model(spec)`.
+
+An encoder factory is called as `factory(in_channels=int, width=int, **encoder_kwargs)` and must return a module
+with an `out_dim` attribute that maps (B, C, H, W) or (B, T, C, H, W) to (B, out_dim).
+A head factory is called as `factory(dims: dict[str, int], num_classes: int, **head_kwargs)` and must return a
+module mapping a features dict to `(logits, scores)` (see fusion.py).
+New entries register themselves with the decorators:
+
+    @register_encoder("my_net")
+    def my_net(in_channels, width, **kw): ...
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch.nn as nn
+
+ENCODERS: dict[str, Callable[..., nn.Module]] = {}
+HEADS: dict[str, Callable[..., nn.Module]] = {}
+
+# Input channels implied by a modality's name (the Dataset's convention).
+IN_CHANNELS = {"audio": 1, "visual": 3, "diff": 3, "flow": 2}
+
+
+def _register(table: dict, kind: str, name: str):
+    def deco(fn):
+        if name in table:
+            raise KeyError(f"{kind} {name!r} is already registered")
+        table[name] = fn
+        return fn
+    return deco
+
+
+def register_encoder(name: str):
+    return _register(ENCODERS, "encoder", name)
+
+
+def register_head(name: str):
+    return _register(HEADS, "head", name)
+
+
+@dataclass
+class ModelSpec:
+    num_classes: int
+    modalities: list[str] = field(default_factory=lambda: ["audio", "visual"])
+    encoder: str | dict[str, str] = "resnet18"  # one name for all modalities, or one per modality
+    width: int = 16  # base channels; feature dim is 8 * width (64 = the paper's ResNet18)
+    head: str = "crmt"  # "concat" (JT) | "crmt" (orthogonal, eq. 8)
+    encoder_kwargs: dict[str, dict] = field(default_factory=dict)  # per modality
+    head_kwargs: dict = field(default_factory=dict)
+    in_channels: dict[str, int] = field(default_factory=dict)  # overrides IN_CHANNELS
+
+    @classmethod
+    def from_dict(cls, raw: Mapping) -> "ModelSpec":
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise ValueError(f"model spec: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        return cls(**raw)
+
+
+def _lookup(table: dict, kind: str, name: str):
+    if name not in table:
+        raise KeyError(f"unknown {kind} {name!r}; registered: {sorted(table)}")
+    return table[name]
+
+
+def build_model(spec: ModelSpec | Mapping) -> nn.Module:
+    from .fusion import LateFusionModel
+
+    if not isinstance(spec, ModelSpec):
+        spec = ModelSpec.from_dict(spec)
+    if not spec.modalities or len(set(spec.modalities)) != len(spec.modalities):
+        raise ValueError(f"model spec: modalities must be a non-empty list of distinct names, got {spec.modalities}")
+    encoders = {}
+    for m in spec.modalities:
+        name = spec.encoder if isinstance(spec.encoder, str) else spec.encoder[m]
+        channels = spec.in_channels.get(m, IN_CHANNELS.get(m))
+        if channels is None:
+            raise ValueError(f"model spec: cannot infer input channels of modality {m!r}; "
+                             f"known {sorted(IN_CHANNELS)}, or set in_channels[{m!r}]")
+        encoders[m] = _lookup(ENCODERS, "encoder", name)(
+            in_channels=channels, width=spec.width, **spec.encoder_kwargs.get(m, {}))
+    dims = {m: enc.out_dim for m, enc in encoders.items()}
+    head = _lookup(HEADS, "head", spec.head)(dims, spec.num_classes, **spec.head_kwargs)
+    return LateFusionModel(encoders, head)

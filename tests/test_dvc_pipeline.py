@@ -1,0 +1,101 @@
+"""A real `dvc repro` of the data pipeline in a temporary git repo: outputs, no-op re-run, partial re-run,
+and a user's Kinetics-Sounds-layout folder with a broken clip."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mmrobust.io import read_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "generate": {"num_classes": 3, "train_per_class": 3, "test_per_class": 2, "duration_s": 2.0, "fps": 8,
+                 "size": 32},
+    "extract": {"workers": 2, "timing": {"fps": 2.0, "max_frames": 4}, "visual": {"size": 32},
+                "audio": {"preset": "cpu_fbank", "clip_s": 2.0, "frames": 100}},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def _run(args, cwd, check=True):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _dvc(repo, *args, check=True):
+    return _run([sys.executable, "-m", "dvc", *args], repo, check)
+
+
+def _ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def _set_params(repo: Path, over: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, over), sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("mmrobust", "stages"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    _set_params(repo, TINY)
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], repo)
+    _dvc(repo, "init", "-q")
+    return repo
+
+
+def test_repro_outputs_noop_and_partial_rerun(repo):
+    first = _dvc(repo, "repro")
+    assert _ran(first.stdout) == {"generate", "ingest", "extract-frames@visual", "extract-audio@audio"}
+    visual = np.load(repo / "data/features/visual/data.npy", mmap_mode="r")
+    audio = np.load(repo / "data/features/audio/data.npy", mmap_mode="r")
+    clips = read_csv(repo / "data/manifest/clips.csv")
+    assert visual.shape == (len(clips), 4, 32, 32, 3) and audio.shape == (len(clips), 64, 100)
+    assert {c["split"] for c in clips} == {"train", "val", "test"} and len(clips) == 15
+    assert read_csv(repo / "data/features/visual/rejected.csv") == []
+
+    second = _dvc(repo, "repro")
+    assert _ran(second.stdout) == set(), second.stdout
+
+    _set_params(repo, {"extract": {"audio": {"n_mels": 40}}})
+    third = _dvc(repo, "repro")
+    assert _ran(third.stdout) == {"extract-audio@audio"}, third.stdout
+    assert np.load(repo / "data/features/audio/data.npy", mmap_mode="r").shape[1] == 40
+
+
+def test_user_ks_folder_with_broken_clip(repo, tmp_path):
+    # A Kinetics-Sounds-layout folder the repo has never seen: real clips plus one broken file.
+    user = tmp_path / "my_ks"
+    shutil.copytree(repo / "data/synthetic/videos", user / "videos")
+    train = (repo / "data/synthetic/train.txt").read_text().splitlines()
+    (user / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    (user / "train.txt").write_text("\n".join(train + ["broken 1"]) + "\n")
+    shutil.copy(repo / "data/synthetic/test.txt", user / "test.txt")
+    _set_params(repo, {"data": {"dataset": "ks", "root": str(user), "val_fraction": 0.0}})
+    _dvc(repo, "repro")
+    for m in ("visual", "audio"):
+        rejected = read_csv(repo / f"data/features/{m}/rejected.csv")
+        assert [r["clip_id"] for r in rejected] == ["broken"] and rejected[0]["stage"] == m
+        index = read_csv(repo / f"data/features/{m}/index.csv")
+        assert len(index) == len(train) + 2 * 3
