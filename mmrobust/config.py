@@ -173,11 +173,52 @@ class ExtractCfg(_Strict):
         return self
 
 
+# ---------------------------------------------------------------- train
+class ModelCfg(_Strict):
+    encoder: str | dict[str, str] = "resnet18"  # one registered encoder for all modalities, or one per modality
+    width: int = Field(16, ge=1, le=512, description="base channels; 64 = the paper's ResNet18 (512-d features)")
+    head: Optional[Literal["concat", "crmt"]] = None  # None: the method's own head
+    pretrained: dict[str, str] = {}  # modality -> local torchvision-format ResNet state_dict
+    encoder_kwargs: dict[str, dict] = {}
+
+
+class TrainCfg(_Strict):
+    method: str = "jt"
+    modalities: Optional[list[str]] = None  # None: extract.modalities
+    epochs: int = Field(10, ge=1, le=10000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(1e-2, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    lr_step: int = Field(60, ge=1, description="StepLR step (epochs)")
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    seed: int = 2024
+    num_segments: int = Field(3, ge=1, le=64)
+    input_size: Optional[int] = Field(None, ge=8, le=1024, description="None: the stored frame size")
+    loader_workers: int = Field(0, ge=0, le=64)
+    use_gpu: bool = False
+    max_batches: Optional[int] = Field(None, ge=1, description="cap batches per epoch (smoke tests)")
+    out_dir: str = "models"
+    model: ModelCfg = ModelCfg()
+    # Per-method hyper-parameters, keyed by the method's params group (e.g. crmt, ogm_ge); each group is
+    # validated by the method's own typed model (mmrobust/methods).
+    hparams: dict[str, dict] = {}
+
+    @model_validator(mode="after")
+    def _known_method(self):
+        from mmrobust.methods import validate_train_cfg
+
+        validate_train_cfg(self)
+        return self
+
+
 # ---------------------------------------------------------------- the whole file
 class Params(_Strict):
     generate: GenerateCfg = GenerateCfg()
     data: DataCfg = DataCfg()
     extract: ExtractCfg = ExtractCfg()
+    train: TrainCfg = TrainCfg()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

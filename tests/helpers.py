@@ -45,3 +45,36 @@ def write_manifest(out_dir: Path, root: Path, rows: list[dict]) -> Path:
     write_csv(out_dir / "clips.csv", full, ["clip_id", "path", "label", "label_name", "split"])
     (out_dir / "summary.json").write_text(json.dumps({"root": str(root), "dataset": "ks"}))
     return out_dir
+
+
+class TinyAV:
+    """In-memory stand-in for AVDataset: class-dependent audio (1,16,20) and visual (3,3,16,16) tensors."""
+
+    def __init__(self, n: int = 24, num_classes: int = 3, seed: int = 0, noise: float = 1.0,
+                 modalities=("audio", "visual")):
+        import torch
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % num_classes
+        shapes = {"audio": (1, 16, 20), "visual": (3, 3, 16, 16), "flow": (3, 2, 16, 16), "diff": (3, 3, 16, 16)}
+        self.x = {}
+        for m in modalities:
+            proto = torch.randn(num_classes, *shapes[m], generator=g)
+            self.x[m] = proto[self.labels] + noise * torch.randn(n, *shapes[m], generator=g)
+        self.modalities = list(modalities)
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {**{m: self.x[m][i] for m in self.modalities}, "label": int(self.labels[i]), "index": i}
+
+
+def tiny_data(num_classes: int = 3, modalities=("audio", "visual"), n: int = 24):
+    from mmrobust.train import Data
+    mods = list(modalities)
+    return Data(TinyAV(n, num_classes, 0, modalities=mods), TinyAV(n, num_classes, 0, modalities=mods),
+                TinyAV(12, num_classes, 1, modalities=mods), TinyAV(12, num_classes, 2, modalities=mods),
+                num_classes, mods)

@@ -1,0 +1,7 @@
+"""Training methods: a registry of named objectives (see base.py for the interface)."""
+from .base import (METHODS, Ctx, Method, MethodParams, Phase, build_method, cross_entropy, params_models,
+                   register_method, validate_train_cfg)
+from . import crmt  # noqa: F401  (importing registers the built-in methods)
+
+__all__ = ["METHODS", "Ctx", "Method", "MethodParams", "Phase", "build_method", "cross_entropy", "params_models",
+           "register_method", "validate_train_cfg"]

@@ -1,0 +1,141 @@
+"""The method interface and registry: every training method is a named objective that any model can train with.
+
+A method sees a `LateFusionModel` (mmrobust.models) and the batch as `inputs: dict[modality, Tensor]`, `y`.
+The trainer (mmrobust/train.py) calls, per epoch of each phase:
+
+    method.on_epoch_start(model, ctx)
+    for each batch:  loss, logs = method.loss(model, inputs, y, ctx); backward; method.after_backward(model, ctx); step
+    method.on_epoch_end(model, ctx)
+
+Hyper-parameters come from `train.hparams.<params_key>`, validated by the method's `Params` model.
+Extra trainable modules (uni-modal heads, prototypes, ...) are attached in `prepare(model)` as attributes of the
+model, so they are saved in checkpoints, moved to the device and synchronised by DDP like everything else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class MethodParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Phase:
+    """A block of epochs with its own trainable parameters and optimiser settings."""
+    name: str
+    epochs: int
+    train_mode: bool = True              # False: model.eval() while training (e.g. CRMT step 2: frozen BN stats)
+    lr: float | None = None              # None: train.lr, etc.
+    momentum: float | None = None
+    weight_decay: float | None = None
+    scheduler: bool = True               # StepLR over this phase's epochs
+
+
+@dataclass
+class Ctx:
+    epoch: int = 0                       # global epoch index
+    phase: str = "train"
+    phase_epoch: int = 0
+    step: int = 0
+    num_classes: int = 0
+    train_batches: Callable | None = None  # () -> iterable of (inputs, y) over the train split (for estimates)
+    val_batches: Callable | None = None    # () -> iterable of (inputs, y) over the validation split
+    state: dict = field(default_factory=dict)  # method-owned state across epochs
+
+
+class Method:
+    name: ClassVar[str] = ""
+    head: ClassVar[str] = "concat"       # the fusion head this method trains
+    params_key: ClassVar[str | None] = None
+    Params: ClassVar[type[MethodParams]] = MethodParams
+
+    def __init__(self, cfg, params: MethodParams | None = None):
+        self.cfg = cfg                   # TrainCfg
+        self.p = params if params is not None else self.Params()
+
+    # ---- structure
+    def prepare(self, model: nn.Module) -> None:
+        """Attach extra modules to the model (called once, before the optimiser is built)."""
+
+    def phases(self) -> list[Phase]:
+        return [Phase("train", self.cfg.epochs)]
+
+    def parameters(self, model: nn.Module, phase: Phase) -> list[nn.Parameter]:
+        """Parameters optimised in this phase (the rest get requires_grad False for the phase)."""
+        return list(model.parameters())
+
+    # ---- training hooks
+    def on_epoch_start(self, model: nn.Module, ctx: Ctx) -> None:
+        pass
+
+    def loss(self, model: nn.Module, inputs: dict, y: torch.Tensor, ctx: Ctx) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def after_backward(self, model: nn.Module, ctx: Ctx) -> None:
+        pass
+
+    def on_epoch_end(self, model: nn.Module, ctx: Ctx) -> None:
+        pass
+
+    # ---- inference
+    def predict(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """Fused logits used for evaluation (a method with test-time processing overrides this)."""
+        return model(inputs).logits
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if not cls.name or cls.name in METHODS:
+        raise KeyError(f"method name {cls.name!r} is empty or already registered")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def params_models() -> dict[str, type[MethodParams]]:
+    out: dict[str, type[MethodParams]] = {}
+    for cls in METHODS.values():
+        if cls.params_key:
+            out.setdefault(cls.params_key, cls.Params)
+    return out
+
+
+def build_method(cfg, name: str | None = None) -> Method:
+    name = name or cfg.method
+    if name not in METHODS:
+        raise KeyError(f"train.method: unknown method {name!r}; registered: {sorted(METHODS)}")
+    cls = METHODS[name]
+    raw = cfg.hparams.get(cls.params_key, {}) if cls.params_key else {}
+    return cls(cfg, cls.Params.model_validate(raw))
+
+
+def validate_train_cfg(cfg) -> None:
+    """Called by TrainCfg's validator: the method exists and every hparams group validates."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"train.method: unknown method {cfg.method!r}; allowed values: {sorted(METHODS)}")
+    models = params_models()
+    for key, raw in cfg.hparams.items():
+        if key not in models:
+            raise ValueError(f"train.hparams.{key}: unknown group; allowed: {sorted(models)}")
+        try:
+            models[key].model_validate(raw or {})
+        except ValidationError as err:
+            e = err.errors()[0]
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = "unknown key" if e["type"] == "extra_forbidden" else f"{e['msg']} (got {e.get('input')!r})"
+            raise ValueError(f"train.hparams.{key}.{loc}: {msg}") from None
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CE for hard labels (B,) or soft targets (B, K)."""
+    if y.dim() == 2:
+        return -(y * F.log_softmax(logits, 1)).sum(1).mean()
+    return F.cross_entropy(logits, y)

@@ -1,0 +1,281 @@
+"""A plain, Ray-free training loop: `fit(params) -> metrics`, built from per-epoch pieces that Ray Train reuses.
+
+Data parallelism (when torch.distributed is initialised, e.g. by Ray Train's TorchTrainer) shards the train
+split with a DistributedSampler and all-reduces gradients after each backward pass (DDP semantics). The sync is
+done here rather than by the DDP wrapper so that methods can freeze parts of the model between phases (CRMT
+step 2) and read or rescale gradients (OGM-GE) on the plain module.
+
+Model selection: the checkpoint kept as `best` is the epoch of the final phase with the highest validation
+accuracy (the validation split is carved from train; the test split is never used for selection).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from mmrobust.config import Params, TrainCfg
+from mmrobust.data.dataset import AVDataset
+from mmrobust.io import read_csv
+from mmrobust.methods import Ctx, Method, Phase, build_method
+from mmrobust.models import ModelSpec, build_model, load_imagenet_state_dict
+
+
+@dataclass
+class Data:
+    train: AVDataset          # augmented, random frame per segment
+    train_eval: AVDataset     # same clips, test-time transform (for estimates such as τ)
+    val: AVDataset
+    test: AVDataset
+    num_classes: int
+    modalities: list[str]
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_data(params: Params, modalities: list[str] | None = None) -> Data:
+    cfg = params.train
+    modalities = modalities or cfg.modalities or params.extract.modalities
+    feats = Path(params.extract.out_dir)
+    classes = read_csv(Path(params.data.out_dir) / "classes.csv")
+    kw = dict(modalities=modalities, num_segments=cfg.num_segments, input_size=cfg.input_size, seed=cfg.seed)
+    data = Data(AVDataset(feats, "train", train=True, **kw), AVDataset(feats, "train", **kw),
+                AVDataset(feats, "val", **kw), AVDataset(feats, "test", **kw), len(classes), list(modalities))
+    if len(data.train) == 0:
+        raise ValueError(f"{feats}: no training clip has every modality {modalities}")
+    return data
+
+
+def split_batch(batch: dict, modalities: list[str], device) -> tuple[dict, torch.Tensor]:
+    return {m: batch[m].to(device, non_blocking=True) for m in modalities}, batch["label"].to(device)
+
+
+def model_spec(cfg: TrainCfg, method: Method, data: Data) -> ModelSpec:
+    head = cfg.model.head or method.head
+    head_kwargs = {}
+    if head == "crmt" and getattr(method.p, "reference_compat", False):
+        head_kwargs["reference_compat"] = True
+    return ModelSpec(num_classes=data.num_classes, modalities=data.modalities, encoder=cfg.model.encoder,
+                     width=cfg.model.width, head=head, head_kwargs=head_kwargs,
+                     encoder_kwargs=cfg.model.encoder_kwargs)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sync_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over data-parallel workers (one flat all-reduce)."""
+    rank, size = world()
+    if size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class Trainer:
+    """Owns model, method, optimiser and data; `run_epoch(e)` trains one epoch, `state_dict()` checkpoints."""
+
+    def __init__(self, params: Params, method: str | None = None, device: str | torch.device | None = None,
+                 data: Data | None = None):
+        self.params, self.cfg = params, params.train
+        self.device = torch.device(device or ("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu"))
+        self.rank, self.world_size = world()
+        seed_everything(self.cfg.seed)
+        self.data = data or build_data(params)
+        self.method = build_method(self.cfg, method)
+        self.model = build_model(model_spec(self.cfg, self.method, self.data))
+        for m, path in self.cfg.model.pretrained.items():
+            load_imagenet_state_dict(self.model.encoders[m], path)
+        self.method.prepare(self.model)
+        self.model.to(self.device)
+        if self.world_size > 1:  # identical start on every worker
+            for t in self.model.state_dict().values():
+                dist.broadcast(t, 0)
+        self.schedule: list[tuple[Phase, int]] = [(ph, i) for ph in self.method.phases() for i in range(ph.epochs)]
+        self.ctx = Ctx(num_classes=self.data.num_classes, train_batches=lambda: self.batches("train_eval"),
+                       val_batches=lambda: self.batches("val"))
+        self.opt = self.sched = None
+        self._opt_phase: str | None = None
+        self.best: dict | None = None
+        self.history: list[dict] = []
+
+    @property
+    def epochs(self) -> int:
+        return len(self.schedule)
+
+    # ---------------------------------------------------------------- data
+    def loader(self, split: str, shuffle: bool = False, epoch: int = 0) -> DataLoader:
+        ds = getattr(self.data, split)
+        sampler = None
+        if self.world_size > 1 and split == "train":
+            sampler = DistributedSampler(ds, self.world_size, self.rank, shuffle=shuffle, seed=self.cfg.seed)
+            sampler.set_epoch(epoch)
+            shuffle = False
+        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=shuffle, sampler=sampler, generator=g,
+                          num_workers=self.cfg.loader_workers, drop_last=False)
+
+    def batches(self, split: str):
+        for batch in self.loader(split):
+            yield split_batch(batch, self.data.modalities, self.device)
+
+    # ---------------------------------------------------------------- optimisation
+    def _phase_params(self, phase: Phase) -> list[torch.nn.Parameter]:
+        params = self.method.parameters(self.model, phase)
+        keep = {id(p) for p in params}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in keep)
+        return params
+
+    def _start_phase(self, phase: Phase) -> None:
+        cfg = self.cfg
+        params = self._phase_params(phase)
+        lr = phase.lr if phase.lr is not None else cfg.lr
+        wd = phase.weight_decay if phase.weight_decay is not None else cfg.weight_decay
+        if cfg.optimizer == "sgd":
+            mom = phase.momentum if phase.momentum is not None else cfg.momentum
+            self.opt = torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
+        else:
+            self.opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, cfg.lr_step, cfg.lr_gamma) if phase.scheduler else None
+        self._opt_phase = phase.name
+
+    def run_epoch(self, epoch: int) -> dict:
+        phase, phase_epoch = self.schedule[epoch]
+        if self._opt_phase != phase.name:
+            self._start_phase(phase)
+        ctx = self.ctx
+        ctx.epoch, ctx.phase, ctx.phase_epoch = epoch, phase.name, phase_epoch
+        self.data.train.set_epoch(epoch)
+        self.model.train(phase.train_mode)
+        self.method.on_epoch_start(self.model, ctx)
+        self.model.train(phase.train_mode)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        sums: dict[str, float] = {}
+        n_batches, n_samples, start = 0, 0, time.perf_counter()
+        for i, batch in enumerate(self.loader("train", shuffle=True, epoch=epoch)):
+            if self.cfg.max_batches and i >= self.cfg.max_batches:
+                break
+            inputs, y = split_batch(batch, self.data.modalities, self.device)
+            self.opt.zero_grad(set_to_none=True)
+            loss, logs = self.method.loss(self.model, inputs, y, ctx)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.method.name}: non-finite loss {loss.item()} at epoch {epoch}")
+            loss.backward()
+            sync_gradients(params)
+            self.method.after_backward(self.model, ctx)
+            self.opt.step()
+            ctx.step += 1
+            n_batches += 1
+            n_samples += len(y)
+            for k, v in {"loss": loss.detach(), **logs}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if self.sched is not None:
+            self.sched.step()
+        self.model.train(phase.train_mode)
+        self.method.on_epoch_end(self.model, ctx)
+        seconds = time.perf_counter() - start
+        metrics = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        metrics.update(epoch=epoch, phase=phase.name, samples_per_s=n_samples / max(seconds, 1e-9),
+                       epoch_seconds=seconds)
+        val = self.evaluate("val") if len(self.data.val) else self.evaluate("train_eval")
+        metrics.update({f"val_{k}": v for k, v in val.items()})
+        self.history.append(metrics)
+        if phase is self.schedule[-1][0] and (self.best is None or val["acc"] >= self.best["val_acc"]):
+            self.best = {"epoch": epoch, "val_acc": val["acc"], "model": copy.deepcopy(self.model.state_dict())}
+        return metrics
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict:
+        """Clean fused accuracy (the method's own prediction) and each modality's uni-modal accuracy."""
+        was = self.model.training
+        self.model.eval()
+        correct, uni, n = 0, {m: 0 for m in self.data.modalities}, 0
+        for inputs, y in self.batches(split):
+            correct += int((self.method.predict(self.model, inputs).argmax(1) == y).sum())
+            out = self.model(inputs)
+            for m in self.data.modalities:
+                uni[m] += int((out.scores[m].argmax(1) == y).sum())
+            n += len(y)
+        self.model.train(was)
+        res = {"acc": correct / max(n, 1), "n": n}
+        res.update({f"acc_{m}": c / max(n, 1) for m, c in uni.items()})
+        return res
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict() if self.opt else None,
+                "scheduler": self.sched.state_dict() if self.sched else None, "phase": self._opt_phase,
+                "epoch": epoch, "method": self.method.name, "config": self.params.model_dump(mode="json"),
+                "method_state": self.ctx.state, "step": self.ctx.step, "best": self.best, "history": self.history,
+                "num_classes": self.data.num_classes, "modalities": self.data.modalities}
+
+    def load_state_dict(self, ckpt: dict) -> int:
+        """Restore a checkpoint; returns the next epoch to run."""
+        self.model.load_state_dict(ckpt["model"])
+        epoch = ckpt["epoch"]
+        phase, _ = self.schedule[epoch]
+        self._start_phase(phase)
+        if ckpt["optimizer"] is not None and ckpt["phase"] == phase.name:
+            self.opt.load_state_dict(ckpt["optimizer"])
+            if self.sched is not None and ckpt["scheduler"] is not None:
+                self.sched.load_state_dict(ckpt["scheduler"])
+        self.ctx.state, self.ctx.step = ckpt["method_state"], ckpt["step"]
+        self.best, self.history = ckpt["best"], ckpt["history"]
+        return epoch + 1
+
+    def final_model(self) -> torch.nn.Module:
+        """The selected model (best validation accuracy in the final phase)."""
+        model = copy.deepcopy(self.model)
+        if self.best is not None:
+            model.load_state_dict(self.best["model"])
+        return model.eval()
+
+
+def fit(params: Params, method: str | None = None, out_dir: str | Path | None = None, log=print) -> dict:
+    """Train one method to the end in this process; returns metrics and writes `<out_dir>/model.pt`."""
+    trainer = Trainer(params, method)
+    start = time.perf_counter()
+    for epoch in range(trainer.epochs):
+        m = trainer.run_epoch(epoch)
+        eta = (time.perf_counter() - start) / (epoch + 1) * (trainer.epochs - epoch - 1)
+        log(f"[{trainer.method.name}] epoch {epoch + 1}/{trainer.epochs} ({m['phase']}) loss {m.get('train_loss', math.nan):.4f} "
+            f"val acc {m['val_acc']:.3f} ({m['samples_per_s']:.0f} samples/s, ETA {eta:.0f} s)")
+    model = trainer.final_model()
+    trainer.model.load_state_dict(model.state_dict())
+    test = trainer.evaluate("test")
+    metrics = {"method": trainer.method.name, "best_epoch": trainer.best["epoch"] if trainer.best else None,
+               "val_acc": trainer.best["val_acc"] if trainer.best else None,
+               **{f"test_{k}": v for k, v in test.items()}, "seconds": time.perf_counter() - start}
+    if out_dir is not None:
+        from mmrobust.io import atomic_file
+        out = Path(out_dir)
+        with atomic_file(out / "model.pt", "wb") as fh:
+            torch.save({**trainer.state_dict(trainer.epochs - 1), "metrics": metrics}, fh)
+        log(f"[{trainer.method.name}] saved {out / 'model.pt'}")
+    return metrics
