@@ -53,12 +53,13 @@ class TinyAV:
     def __init__(self, n: int = 24, num_classes: int = 3, seed: int = 0, noise: float = 1.0,
                  modalities=("audio", "visual")):
         import torch
+        protos = torch.Generator().manual_seed(1234)  # class prototypes shared by every split
         g = torch.Generator().manual_seed(seed)
         self.labels = torch.arange(n) % num_classes
         shapes = {"audio": (1, 16, 20), "visual": (3, 3, 16, 16), "flow": (3, 2, 16, 16), "diff": (3, 3, 16, 16)}
         self.x = {}
         for m in modalities:
-            proto = torch.randn(num_classes, *shapes[m], generator=g)
+            proto = torch.randn(num_classes, *shapes[m], generator=protos)
             self.x[m] = proto[self.labels] + noise * torch.randn(n, *shapes[m], generator=g)
         self.modalities = list(modalities)
 

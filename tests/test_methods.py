@@ -1,0 +1,142 @@
+"""Every registered method trains on a tiny batch; CRMT-specific behaviour checked by hand."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import tiny_data
+from mmrobust.config import ConfigError, parse_params
+from mmrobust.methods import METHODS, build_method
+from mmrobust.methods.crmt import mix_margin, split_epochs
+from mmrobust.train import Trainer
+
+
+def make_trainer(method: str, head: str | None = None, modalities=("audio", "visual"), lr=1e-2, **hp) -> Trainer:
+    train = {"method": method, "epochs": 2, "batch_size": 8, "lr": lr, "model": {"width": 4, "head": head},
+             "hparams": hp}
+    return Trainer(parse_params({"train": train}), data=tiny_data(modalities=modalities))
+
+
+def _heads(name):
+    return sorted({METHODS[name].head, "concat", "crmt"}) if METHODS[name].head == "concat" else ["crmt"]
+
+
+@pytest.mark.parametrize("name,head", [(n, h) for n in sorted(METHODS) for h in _heads(n)])
+def test_every_method_trains_and_updates_its_parameters(name, head):
+    tr = make_trainer(name, head)
+    for phase_idx, (phase, _) in enumerate(tr.schedule):
+        if _ > 0:
+            continue
+        before = {k: v.detach().clone() for k, v in tr.model.named_parameters()}
+        epoch = next(e for e, (p, i) in enumerate(tr.schedule) if p is phase)
+        metrics = tr.run_epoch(epoch)
+        assert math.isfinite(metrics["train_loss"]), metrics
+        trainable = {id(p) for g in tr.opt.param_groups for p in g["params"]}
+        for k, p in tr.model.named_parameters():
+            moved = not torch.equal(before[k], p.detach())
+            if id(p) in trainable:
+                assert p.grad is not None and moved, f"{name}/{phase.name}: {k} did not train"
+            else:
+                assert not moved, f"{name}/{phase.name}: frozen {k} changed"
+    out = tr.method.predict(tr.model.eval(), next(tr.batches("val"))[0])
+    assert out.shape == (8, 3) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_works_with_three_modalities(name):
+    tr = make_trainer(name, modalities=("audio", "visual", "flow"))
+    m = tr.run_epoch(0)
+    assert math.isfinite(m["train_loss"]) and set(tr.model.modalities) == {"audio", "visual", "flow"}
+
+
+def test_crmt_step2_changes_only_a_and_keeps_batchnorm_statistics():
+    tr = make_trainer("crmt_jt", crmt={"step2_epochs": 1})
+    tr.run_epoch(0)
+    tr.run_epoch(1)  # step 1 done
+    state = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    m = tr.run_epoch(2)
+    assert m["phase"] == "step2.0" and "tau" in tr.ctx.state
+    changed = {k for k, v in tr.model.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed == {"head.a.audio", "head.a.visual"}, changed
+
+
+def test_reference_compat_step2_lets_batchnorm_drift_and_head_is_not_orthogonal():
+    tr = make_trainer("crmt_jt", crmt={"step2_epochs": 1, "reference_compat": True})
+    for e in range(2):
+        tr.run_epoch(e)
+    state = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.run_epoch(2)
+    drifted = [k for k, v in tr.model.state_dict().items() if "running_mean" in k and not torch.equal(v, state[k])]
+    assert drifted, "reference_compat step 2 runs in train mode, so BatchNorm statistics move"
+    w = tr.model.head.uni_weight("audio")
+    gram = w @ w.T
+    torch.testing.assert_close(torch.diagonal(gram), torch.ones(3), atol=1e-5, rtol=0)
+    assert (gram - torch.eye(3)).abs().max() > 1e-3
+
+
+def test_orthonormality_holds_after_training():
+    tr = make_trainer("crmt_jt", crmt={"step2_epochs": 0})
+    tr.run_epoch(0)
+    tr.run_epoch(1)
+    for m in tr.model.modalities:
+        w = tr.model.head.uni_weight(m)
+        torch.testing.assert_close(w @ w.T, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_crmt_iterations_schedule():
+    tr = make_trainer("crmt_jt", crmt={"iterations": 2, "step2_epochs": 3})
+    names = [p.name for p, _ in tr.schedule]
+    assert names == ["step1.0", "step2.0", "step2.0", "step2.0", "step1.1", "step2.1", "step2.1", "step2.1"]
+    assert split_epochs(7, 3) == [3, 2, 2]
+    # ablations: step 1 only has no step 2; step 2 only has no margin
+    assert all(p.name.startswith("step1") for p, _ in make_trainer("crmt_step1").schedule)
+    tr2 = make_trainer("crmt_step2")
+    inputs, y = next(tr2.batches("train_eval"))
+    _, logs = tr2.method.loss(tr2.model, inputs, y, tr2.ctx)
+    assert "margin" not in logs
+
+
+def test_mix_margin_by_hand():
+    z = {"a": torch.tensor([[1.0, 2.0, 0.5, -1.0]]), "v": torch.tensor([[0.0, -0.5, 1.5, 0.25]])}
+    ya, yb, lam = torch.tensor([1]), torch.tensor([2]), 0.3
+    # per modality: log(exp(z0) + exp(z3)) - (0.3 z1 + 0.7 z2)
+    ta = math.log(math.exp(1.0) + math.exp(-1.0)) - (0.3 * 2.0 + 0.7 * 0.5)
+    tv = math.log(math.exp(0.0) + math.exp(0.25)) - (0.3 * -0.5 + 0.7 * 1.5)
+    expected = math.log(math.exp(ta) + math.exp(tv) + 1e-5)
+    assert mix_margin(z, ya, yb, lam).item() == pytest.approx(expected, rel=1e-6)
+    # the released code's version: raw sum of exponentials minus the mixed logits, averaged over modalities
+    ra = math.exp(1.0) + math.exp(-1.0) - (0.3 * 2.0 + 0.7 * 0.5)
+    rv = math.exp(0.0) + math.exp(0.25) - (0.3 * -0.5 + 0.7 * 1.5)
+    assert mix_margin(z, ya, yb, lam, reference_compat=True).item() == pytest.approx((ra + rv) / 2, rel=1e-6)
+    # λ = 1 and y_a = y_b reduce to the step-1 margin
+    from mmrobust.crmt import crmt_margin_loss
+    assert mix_margin(z, ya, ya, 1.0).item() == pytest.approx(crmt_margin_loss(z, ya).item(), rel=1e-6)
+
+
+def test_method_params_are_validated():
+    with pytest.raises(ConfigError, match="train.hparams.crmt.rho"):
+        parse_params({"train": {"method": "crmt_jt", "hparams": {"crmt": {"rho": -1}}}})
+    with pytest.raises(ConfigError, match="train.hparams.crmt.rhoo: unknown key"):
+        parse_params({"train": {"method": "crmt_jt", "hparams": {"crmt": {"rhoo": 1}}}})
+    with pytest.raises(ConfigError, match="unknown method 'crmt'"):
+        parse_params({"train": {"method": "crmt"}})
+    cfg = parse_params({"train": {"method": "crmt_at", "hparams": {"crmt": {"rho": 0.5}}}}).train
+    assert build_method(cfg).p.rho == 0.5
+
+
+def test_training_is_reproducible():
+    def run():
+        tr = make_trainer("crmt_jt", crmt={"step2_epochs": 1})
+        return [tr.run_epoch(e)["train_loss"] for e in range(tr.epochs)], tr.model.state_dict()
+    (l1, s1), (l2, s2) = run(), run()
+    assert l1 == l2 and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_jt_learns_the_tiny_task():
+    tr = make_trainer("jt", lr=0.01)
+    tr.schedule = [tr.schedule[0]] * 20
+    for e in range(20):
+        tr.run_epoch(e)
+    assert tr.evaluate("train_eval")["acc"] > 0.85 and tr.evaluate("val")["acc"] > 0.75
+    assert F.softmax(tr.model(next(tr.batches("val"))[0]).logits, 1).max(1).values.mean() > 0.5
