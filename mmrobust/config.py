@@ -198,6 +198,10 @@ class TrainCfg(_Strict):
     input_size: Optional[int] = Field(None, ge=8, le=1024, description="None: the stored frame size")
     loader_workers: int = Field(0, ge=0, le=64)
     use_gpu: bool = False
+    num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="fractions let 2 workers share 1-2 cores")
+    max_failures: int = Field(1, ge=0, le=100, description="worker failures survived by resuming from the last checkpoint")
+    storage_dir: str = "ray_results"
     max_batches: Optional[int] = Field(None, ge=1, description="cap batches per epoch (smoke tests)")
     out_dir: str = "models"
     model: ModelCfg = ModelCfg()
@@ -213,12 +217,19 @@ class TrainCfg(_Strict):
         return self
 
 
+# ---------------------------------------------------------------- tracking
+class TrackingCfg(_Strict):
+    uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins (e.g. the pipeline's server)
+    experiment: str = "mmrobust"
+
+
 # ---------------------------------------------------------------- the whole file
 class Params(_Strict):
     generate: GenerateCfg = GenerateCfg()
     data: DataCfg = DataCfg()
     extract: ExtractCfg = ExtractCfg()
     train: TrainCfg = TrainCfg()
+    tracking: TrackingCfg = TrackingCfg()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -96,6 +96,14 @@ def sync_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's BatchNorm statistics for everyone (DDP's broadcast_buffers, once per epoch)."""
+    rank, size = world()
+    if size > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
 class Trainer:
     """Owns model, method, optimiser and data; `run_epoch(e)` trains one epoch, `state_dict()` checkpoints."""
 
@@ -196,6 +204,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v)
         if self.sched is not None:
             self.sched.step()
+        sync_buffers(self.model)
         self.model.train(phase.train_mode)
         self.method.on_epoch_end(self.model, ctx)
         seconds = time.perf_counter() - start

@@ -1,0 +1,36 @@
+"""Ray connection: reuse the cluster in RAY_ADDRESS (e.g. `ray start --head`, or `ray job submit`), else start a
+local one for this process and stop it at the end."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+# Same auth mode for every Ray call (a stray token file would otherwise switch later clusters to token auth).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@contextmanager
+def ray_session(num_cpus: int | None = None, log=print) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log(f"ray: connected to {address}")
+    else:
+        tmp = Path(tempfile.gettempdir()) / "mmrobust-ray"
+        tmp.mkdir(parents=True, exist_ok=True)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(tmp),
+                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        log(f"ray: started a local cluster ({num_cpus or os.cpu_count()} CPUs); set RAY_ADDRESS to use yours")
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,111 @@
+"""MLflow helpers: where runs go, flat sortable params, and a local tracking server for concurrent writers."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def resolve_uri(uri: str, base: str | Path = ".") -> str:
+    """MLFLOW_TRACKING_URI wins; a relative sqlite path is made absolute (workers may run elsewhere)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str((Path(base) / uri[len(prefix):]).resolve())
+    return uri
+
+
+def flatten(obj, prefix: str = "") -> dict[str, str]:
+    """Nested params -> {"train.lr": "0.01", ...} (MLflow params are strings; dotted keys sort by group)."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(obj, (list, tuple)):
+        out[prefix[:-1]] = ",".join(str(v) for v in obj)
+    else:
+        out[prefix[:-1]] = "" if obj is None else str(obj)
+    return out
+
+
+def client(uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def log_params(c, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i: i + 100])
+
+
+def log_metrics(c, run_id: str, metrics: dict, step: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i: i + 500])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def tracking_server(backend_uri: str, artifacts: str | Path, host: str = "127.0.0.1",
+                    port: int | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """Run `mlflow server` (1 worker, no job runner) in its own process group; yield its http URI; stop it."""
+    port = port or _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+           "--backend-store-uri", backend_uri, "--artifacts-destination", str(Path(artifacts).resolve())]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    uri = f"http://{host}:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"mlflow server on {uri} not healthy after {timeout:.0f} s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

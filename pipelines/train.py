@@ -1,0 +1,172 @@
+"""Ray Train entrypoint: train one method with `TorchTrainer` (DDP-style data parallelism over
+`train.num_workers` workers, CPU or GPU by `train.use_gpu`), a checkpoint each epoch, resume after worker
+failures and after an interrupted run, MLflow logging from rank 0.
+
+    python -m pipelines.train --method crmt_jt [--params params.yaml] [--out models/crmt_jt]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.train --method jt
+
+Writes `<out>/model.pt` (selected model + config + metrics), `<out>/metrics.json` and `<out>/mlflow_run.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mmrobust.config import ConfigError, Params, load_params
+from mmrobust.io import atomic_file, write_json
+from mmrobust.ray_utils import ray_session
+from mmrobust import tracking
+
+CKPT = "checkpoint.pt"
+
+
+def absolute_paths(params: Params, base: Path) -> Params:
+    """Workers may run in another directory: make every data path absolute before shipping params."""
+    p = params.model_copy(deep=True)
+    p.data.out_dir = str((base / p.data.out_dir).resolve())
+    p.extract.out_dir = str((base / p.extract.out_dir).resolve())
+    p.train.storage_dir = str((base / p.train.storage_dir).resolve())
+    p.train.model.pretrained = {m: str((base / f).resolve()) for m, f in p.train.model.pretrained.items()}
+    return p
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker; torch.distributed is already initialised when num_workers > 1."""
+    import logging
+
+    import ray.train
+
+    from mmrobust.train import Trainer
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
+    params = Params.model_validate(config["params"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    trainer = Trainer(params, config["method"])
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = trainer.load_state_dict(torch.load(Path(d) / CKPT, weights_only=False))
+        print(f"[{config['method']}] rank {rank}: resumed from epoch {start}", flush=True)
+    mlflow = tracking.client(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
+    fail_at = config.get("fail_at_epoch")
+    t0 = time.perf_counter()
+    for epoch in range(start, trainer.epochs):
+        if fail_at is not None and epoch == fail_at and rank == ctx.get_world_size() - 1 and ckpt is None:
+            print(f"fault injection: worker rank {rank} exits at epoch {epoch}", flush=True)
+            os._exit(1)
+        metrics = trainer.run_epoch(epoch)
+        final = epoch == trainer.epochs - 1
+        if final:
+            trainer.model.load_state_dict(trainer.final_model().state_dict())
+            metrics.update({f"test_{k}": v for k, v in trainer.evaluate("test").items()})
+            metrics["best_epoch"] = trainer.best["epoch"] if trainer.best else epoch
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if mlflow is not None:
+            tracking.log_metrics(mlflow, config["run_id"], numeric, step=epoch)
+        eta = (time.perf_counter() - t0) / (epoch + 1 - start) * (trainer.epochs - epoch - 1)
+        if rank == 0:
+            print(f"[{trainer.method.name}] epoch {epoch + 1}/{trainer.epochs} ({metrics['phase']}) "
+                  f"loss {metrics.get('train_loss', float('nan')):.4f} val acc {metrics['val_acc']:.3f} "
+                  f"({metrics['samples_per_s']:.0f} samples/s, ETA {eta:.0f} s)", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save(trainer.state_dict(epoch), Path(tmp) / CKPT)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(numeric, checkpoint=checkpoint)
+
+
+def run_name(method: str, params: Params) -> str:
+    """Stable for the same method and params, so relaunching an interrupted run resumes it."""
+    import hashlib
+
+    digest = hashlib.sha1(params.model_dump_json().encode()).hexdigest()[:10]
+    return f"{method}-{digest}"
+
+
+def train_method(params: Params, method: str, out_dir: str | Path, base: Path = Path("."),
+                 fail_at_epoch: int | None = None, log=print) -> dict:
+    import shutil
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    params = absolute_paths(params, base)
+    cfg = params.train
+    name = run_name(method, params)
+    uri = tracking.resolve_uri(params.tracking.uri, base)
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(uri, params.tracking.experiment)
+    out_dir = Path(out_dir)
+    run_file = out_dir.parent / f".{out_dir.name}.mlflow_run.json"  # survives an interrupted stage
+    run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+    if run_id is None:
+        run = c.create_run(exp, run_name=method, tags={"method": method, "dataset": params.data.dataset,
+                                                      "model": f"{cfg.model.encoder}-w{cfg.model.width}",
+                                                      "ray_run": name})
+        run_id = run.info.run_id
+        tracking.log_params(c, run_id, tracking.flatten(params.model_dump(mode="json")))
+        with atomic_file(run_file) as fh:
+            json.dump({"run_id": run_id}, fh)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"params": params.model_dump(mode="json"), "method": method, "run_id": run_id,
+                           "tracking_uri": uri, "fail_at_epoch": fail_at_epoch},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=name, storage_path=cfg.storage_dir,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CKPT, weights_only=False)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics.update(method=method, wall_seconds=time.perf_counter() - t0, num_workers=cfg.num_workers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_state = state["best"]["model"] if state.get("best") else state["model"]
+    with atomic_file(out_dir / "model.pt", "wb") as fh:
+        torch.save({**state, "model": model_state, "metrics": metrics, "mlflow_run_id": run_id}, fh)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "mlflow_run.json", {"run_id": run_id, "tracking_uri": uri, "experiment": exp})
+    c.log_artifact(run_id, str(out_dir / "metrics.json"))
+    c.log_artifact(run_id, str(out_dir / "model.pt"), "checkpoint")
+    c.set_terminated(run_id)
+    run_file.unlink(missing_ok=True)
+    shutil.rmtree(Path(cfg.storage_dir) / name, ignore_errors=True)  # finished: the next run starts fresh
+    log(f"[{method}] test acc {metrics.get('test_acc', float('nan')):.3f}; model -> {out_dir / 'model.pt'}; "
+        f"MLflow run {run_id} at {uri}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", help="registered method (default: train.method)")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", help="output folder (default: <train.out_dir>/<method>)")
+    ap.add_argument("--fail-at-epoch", type=int, help="fault injection: the last worker exits at this epoch once")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    method = args.method or params.train.method
+    out = Path(args.out or Path(params.train.out_dir) / method)
+    with ray_session():
+        train_method(params, method, out, Path.cwd(), args.fail_at_epoch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
