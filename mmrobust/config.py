@@ -205,22 +205,44 @@ class TrainCfg(_Strict):
     max_batches: Optional[int] = Field(None, ge=1, description="cap batches per epoch (smoke tests)")
     out_dir: str = "models"
     model: ModelCfg = ModelCfg()
-    # Per-method hyper-parameters, keyed by the method's params group (e.g. crmt, ogm_ge); each group is
-    # validated by the method's own typed model (mmrobust/methods).
-    hparams: dict[str, dict] = {}
-
-    @model_validator(mode="after")
-    def _known_method(self):
-        from mmrobust.methods import validate_train_cfg
-
-        validate_train_cfg(self)
-        return self
 
 
 # ---------------------------------------------------------------- tracking
 class TrackingCfg(_Strict):
     uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins (e.g. the pipeline's server)
     experiment: str = "mmrobust"
+
+
+# ---------------------------------------------------------------- models the pipeline trains and evaluates
+class ModelEntry(_Strict):
+    """One trained model: a method plus overrides of any params group (deep-merged, then re-validated)."""
+    method: str
+    # The method's hyper-parameter group (e.g. crmt for every crmt_* method; train for methods without one).
+    # Spelled out because the DVC train stage declares it as a param dependency.
+    group: str = "train"
+    overrides: dict[str, dict] = {}
+
+
+# ---------------------------------------------------------------- evaluate
+class EvaluateCfg(_Strict):
+    out_dir: str = "results"
+    models: Optional[list[str]] = None  # None: every entry of `models`
+    batch_size: int = Field(64, ge=1, le=4096)
+    max_samples: Optional[int] = Field(None, ge=1, description="evaluate the first N test clips only")
+    seed: int = 2024
+    joint_eps: float = Field(0.5, ge=0, description="paper T1: joint FGM / l2-PGD radius")
+    uni_eps: float = Field(1.0, ge=0, description="paper T2: uni-modal radius")
+    joint_grid: list[float] = [0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]  # T11 / F5 attack sizes
+    uni_grid: list[float] = [0.25, 0.5, 1.0, 2.0]                    # F1/F4 uni-modal PGD radii
+    pgd_steps: int = Field(4, ge=1, le=1000)
+    pgd_step_ratio: float = Field(1 / 3, gt=0, le=1, description="step size = ratio * eps (reference: eps/3)")
+    pgd_restarts: int = Field(1, ge=1, le=100)
+    pgd_random_start: bool = False
+    mgn_sigma: list[float] = [0.1, 0.5]
+    mpm_p: list[float] = [0.1, 0.3]
+    mea_eps: float = Field(0.5, ge=0)
+    mea_steps: int = Field(10, ge=1)
+    tsne_samples: int = Field(300, ge=10)
 
 
 # ---------------------------------------------------------------- the whole file
@@ -230,6 +252,59 @@ class Params(_Strict):
     extract: ExtractCfg = ExtractCfg()
     train: TrainCfg = TrainCfg()
     tracking: TrackingCfg = TrackingCfg()
+    models: dict[str, ModelEntry] = {}
+    evaluate: EvaluateCfg = EvaluateCfg()
+
+    def for_model(self, model_id: str) -> "Params":
+        """The params one model trains with: its overrides merged in and train.method set."""
+        if model_id not in self.models:
+            raise ConfigError(f"models.{model_id}: no such model; configured: {sorted(self.models)}")
+        entry = self.models[model_id]
+        raw = deep_merge(self.model_dump(mode="json"), entry.overrides)
+        raw["train"]["method"] = entry.method
+        return parse_params(raw, f"models.{model_id}.overrides")
+
+    def method_params(self, key: str):
+        return getattr(self, key)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+_FULL: type[Params] | None = None
+
+
+def params_model() -> type[Params]:
+    """Params plus one group per registered method family (crmt, ogm_ge, ...), built once on first use."""
+    global _FULL
+    if _FULL is None:
+        from pydantic import create_model
+
+        from mmrobust.methods import params_models
+
+        fields = {key: (model, model()) for key, model in params_models().items()}
+        _FULL = create_model("Params", __base__=Params, **fields)
+    return _FULL
+
+
+def _check_methods(params: Params) -> list[str]:
+    from mmrobust.methods import METHODS
+
+    errors = []
+    if params.train.method not in METHODS:
+        errors.append(f"  train.method: got {params.train.method!r}; allowed values: {sorted(METHODS)}")
+    for mid, entry in params.models.items():
+        if entry.method not in METHODS:
+            errors.append(f"  models.{mid}.method: got {entry.method!r}; allowed values: {sorted(METHODS)}")
+            continue
+        group = METHODS[entry.method].params_key or "train"
+        if entry.group != group:
+            errors.append(f"  models.{mid}.group: method {entry.method!r} reads group {group!r}, got {entry.group!r}")
+    return errors
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -249,9 +324,12 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 def parse_params(raw: dict | None, source: str = "params") -> Params:
     try:
-        params = Params.model_validate(raw or {})
+        params = params_model().model_validate(raw or {})
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    errors = _check_methods(params)
+    if errors:
+        raise ConfigError("\n".join([f"{source}: {len(errors)} invalid parameter(s):", *errors]))
     params.extract.audio.resolved()  # cross-field checks of the audio preset
     return params
 

@@ -114,7 +114,7 @@ class Trainer:
         self.rank, self.world_size = world()
         seed_everything(self.cfg.seed)
         self.data = data or build_data(params)
-        self.method = build_method(self.cfg, method)
+        self.method = build_method(params, method)
         self.model = build_model(model_spec(self.cfg, self.method, self.data))
         for m, path in self.cfg.model.pretrained.items():
             load_imagenet_state_dict(self.model.encoders[m], path)

@@ -2,10 +2,11 @@
 `train.num_workers` workers, CPU or GPU by `train.use_gpu`), a checkpoint each epoch, resume after worker
 failures and after an interrupted run, MLflow logging from rank 0.
 
-    python -m pipelines.train --method crmt_jt [--params params.yaml] [--out models/crmt_jt]
-    ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.train --method jt
+    python -m pipelines.train --model crmt_jt [--params params.yaml] [--out models/crmt_jt]
+    python -m pipelines.train --method jt            # train.* params as they are, no `models` entry
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.train --model jt
 
-Writes `<out>/model.pt` (selected model + config + metrics), `<out>/metrics.json` and `<out>/mlflow_run.json`.
+`--model ID` trains the `models.ID` entry of params.yaml (its method, group and overrides). Writes `<out>/model.pt` (selected model + config + metrics), `<out>/metrics.json` and `<out>/mlflow_run.json`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mmrobust.config import ConfigError, Params, load_params
+from mmrobust.config import ConfigError, Params, load_params, parse_params
 from mmrobust.io import atomic_file, write_json
 from mmrobust.ray_utils import ray_session
 from mmrobust import tracking
@@ -46,7 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     from mmrobust.train import Trainer
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
-    params = Params.model_validate(config["params"])
+    params = parse_params(config["params"], "train_loop_config")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     trainer = Trainer(params, config["method"])
@@ -94,7 +95,7 @@ def run_name(method: str, params: Params) -> str:
 
 
 def train_method(params: Params, method: str, out_dir: str | Path, base: Path = Path("."),
-                 fail_at_epoch: int | None = None, log=print) -> dict:
+                 fail_at_epoch: int | None = None, model_id: str | None = None, log=print) -> dict:
     import shutil
 
     import ray.train
@@ -110,7 +111,8 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     run_file = out_dir.parent / f".{out_dir.name}.mlflow_run.json"  # survives an interrupted stage
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
     if run_id is None:
-        run = c.create_run(exp, run_name=method, tags={"method": method, "dataset": params.data.dataset,
+        run = c.create_run(exp, run_name=model_id or method, tags={"method": method, "model_id": model_id or method,
+                                                                  "dataset": params.data.dataset,
                                                       "model": f"{cfg.model.encoder}-w{cfg.model.width}",
                                                       "ray_run": name})
         run_id = run.info.run_id
@@ -151,20 +153,24 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", help="registered method (default: train.method)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--model", help="an entry of `models` in params.yaml")
+    which.add_argument("--method", help="a registered method (default: train.method)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", help="output folder (default: <train.out_dir>/<method>)")
     ap.add_argument("--fail-at-epoch", type=int, help="fault injection: the last worker exits at this epoch once")
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params)
+        if args.model:
+            params = params.for_model(args.model)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     method = args.method or params.train.method
-    out = Path(args.out or Path(params.train.out_dir) / method)
+    out = Path(args.out or Path(params.train.out_dir) / (args.model or method))
     with ray_session():
-        train_method(params, method, out, Path.cwd(), args.fail_at_epoch)
+        train_method(params, method, out, Path.cwd(), args.fail_at_epoch, model_id=args.model or method)
     return 0
 
 

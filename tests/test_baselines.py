@@ -16,9 +16,9 @@ from mmrobust.train import Trainer
 
 
 def trainer(method: str, hparams: dict | None = None, **train) -> Trainer:
-    cfg = {"method": method, "epochs": 2, "batch_size": 6, "model": {"width": 4},
-           "hparams": {method: hparams} if hparams else {}, **train}  # params_key == name here
-    return Trainer(parse_params({"train": cfg}), data=tiny_data(n=12))
+    cfg = {"method": method, "epochs": 2, "batch_size": 6, "model": {"width": 4}, **train}
+    groups = {method: hparams} if hparams else {}  # params_key == name here
+    return Trainer(parse_params({"train": cfg, **groups}), data=tiny_data(n=12))
 
 
 def first_batch(tr: Trainer):
@@ -211,8 +211,8 @@ class _Recorder(torch.nn.Module):
 
 def test_mixup_shares_lambda_and_permutation():
     torch.manual_seed(3)
-    cfg = parse_params({"train": {"method": "mixup", "hparams": {"mixup": {"alpha": 0.7}}}}).train
-    method = build_method(cfg)
+    params = parse_params({"train": {"method": "mixup"}, "mixup": {"alpha": 0.7}})
+    method = build_method(params)
     n = 6
     inputs = {"audio": torch.eye(n), "visual": torch.randn(n, 2, 3)}  # audio rows reveal λ and π
     y = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -288,6 +288,6 @@ def test_method_trains_two_epochs(name):
 
 def test_params_are_validated():
     with pytest.raises(ValueError, match="ogm_ge"):
-        parse_params({"train": {"method": "ogm_ge", "hparams": {"ogm_ge": {"alpha": -1}}}})
+        parse_params({"train": {"method": "ogm_ge"}, "ogm_ge": {"alpha": -1}})
     with pytest.raises(ValueError, match="unknown key"):
-        parse_params({"train": {"method": "gb", "hparams": {"gb": {"every": 1}}}})
+        parse_params({"train": {"method": "gb"}, "gb": {"every": 1}})

@@ -13,9 +13,8 @@ from mmrobust.train import Trainer
 
 
 def make_trainer(method: str, head: str | None = None, modalities=("audio", "visual"), lr=1e-2, **hp) -> Trainer:
-    train = {"method": method, "epochs": 2, "batch_size": 8, "lr": lr, "model": {"width": 4, "head": head},
-             "hparams": hp}
-    return Trainer(parse_params({"train": train}), data=tiny_data(modalities=modalities))
+    train = {"method": method, "epochs": 2, "batch_size": 8, "lr": lr, "model": {"width": 4, "head": head}}
+    return Trainer(parse_params({"train": train, **hp}), data=tiny_data(modalities=modalities))
 
 
 def _heads(name):
@@ -115,14 +114,21 @@ def test_mix_margin_by_hand():
 
 
 def test_method_params_are_validated():
-    with pytest.raises(ConfigError, match="train.hparams.crmt.rho"):
-        parse_params({"train": {"method": "crmt_jt", "hparams": {"crmt": {"rho": -1}}}})
-    with pytest.raises(ConfigError, match="train.hparams.crmt.rhoo: unknown key"):
-        parse_params({"train": {"method": "crmt_jt", "hparams": {"crmt": {"rhoo": 1}}}})
-    with pytest.raises(ConfigError, match="unknown method 'crmt'"):
+    with pytest.raises(ConfigError, match="crmt.rho: Input should be greater than or equal to 0"):
+        parse_params({"train": {"method": "crmt_jt"}, "crmt": {"rho": -1}})
+    with pytest.raises(ConfigError, match="crmt.rhoo: unknown key"):
+        parse_params({"train": {"method": "crmt_jt"}, "crmt": {"rhoo": 1}})
+    with pytest.raises(ConfigError, match="train.method: got 'crmt'; allowed values"):
         parse_params({"train": {"method": "crmt"}})
-    cfg = parse_params({"train": {"method": "crmt_at", "hparams": {"crmt": {"rho": 0.5}}}}).train
-    assert build_method(cfg).p.rho == 0.5
+    with pytest.raises(ConfigError, match="models.x.group: method 'crmt_at' reads group 'crmt'"):
+        parse_params({"models": {"x": {"method": "crmt_at"}}})
+    params = parse_params({"train": {"method": "crmt_at"}, "crmt": {"rho": 0.5}})
+    assert build_method(params).p.rho == 0.5
+    # per-model overrides are merged and re-validated
+    params = parse_params({"models": {"it2": {"method": "crmt_jt", "group": "crmt",
+                                              "overrides": {"crmt": {"iterations": 2}}}}})
+    assert params.for_model("it2").crmt.iterations == 2 and params.crmt.iterations == 1
+    assert params.for_model("it2").train.method == "crmt_jt"
 
 
 def test_training_is_reproducible():

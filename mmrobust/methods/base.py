@@ -7,7 +7,8 @@ The trainer (mmrobust/train.py) calls, per epoch of each phase:
     for each batch:  loss, logs = method.loss(model, inputs, y, ctx); backward; method.after_backward(model, ctx); step
     method.on_epoch_end(model, ctx)
 
-Hyper-parameters come from `train.hparams.<params_key>`, validated by the method's `Params` model.
+Hyper-parameters come from the top-level params group `<params_key>` (e.g. `crmt`), validated by the
+method's `Params` model (mmrobust.config.params_model adds one group per registered family).
 Extra trainable modules (uni-modal heads, prototypes, ...) are attached in `prepare(model)` as attributes of the
 model, so they are saved in checkpoints, moved to the device and synchronised by DDP like everything else.
 """
@@ -108,30 +109,14 @@ def params_models() -> dict[str, type[MethodParams]]:
     return out
 
 
-def build_method(cfg, name: str | None = None) -> Method:
-    name = name or cfg.method
+def build_method(params, name: str | None = None) -> Method:
+    """The method `name` (default params.train.method) with its hyper-parameter group from `params`."""
+    name = name or params.train.method
     if name not in METHODS:
         raise KeyError(f"train.method: unknown method {name!r}; registered: {sorted(METHODS)}")
     cls = METHODS[name]
-    raw = cfg.hparams.get(cls.params_key, {}) if cls.params_key else {}
-    return cls(cfg, cls.Params.model_validate(raw))
-
-
-def validate_train_cfg(cfg) -> None:
-    """Called by TrainCfg's validator: the method exists and every hparams group validates."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"train.method: unknown method {cfg.method!r}; allowed values: {sorted(METHODS)}")
-    models = params_models()
-    for key, raw in cfg.hparams.items():
-        if key not in models:
-            raise ValueError(f"train.hparams.{key}: unknown group; allowed: {sorted(models)}")
-        try:
-            models[key].model_validate(raw or {})
-        except ValidationError as err:
-            e = err.errors()[0]
-            loc = ".".join(str(p) for p in e["loc"])
-            msg = "unknown key" if e["type"] == "extra_forbidden" else f"{e['msg']} (got {e.get('input')!r})"
-            raise ValueError(f"train.hparams.{key}.{loc}: {msg}") from None
+    hp = getattr(params, cls.params_key, None) if cls.params_key else None
+    return cls(params.train, hp if hp is not None else cls.Params())
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
