@@ -1,0 +1,246 @@
+"""Evaluation of trained models under every configured attack: tidy result rows, resumable per batch.
+
+`evaluate_model(path, cfg, ...)` loads `models/<id>/model.pt`, builds the attack grid from the `evaluate` params
+group and appends one line per test batch to `<cache_dir>/<id>.jsonl` ({batch, n, counts: {label: correct}}), so
+an interrupted evaluation restarts at the first batch it had not finished. Rows are
+`dataset, method, model, attack, modality, eps, accuracy, n` (modality `all` for joint attacks and clean).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+
+from mmrobust.attacks import evaluate_attacks
+from mmrobust.config import EvaluateCfg, Params, parse_params
+from mmrobust.data.dataset import AVDataset
+from mmrobust.methods import build_method
+from mmrobust.models import ModelSpec, build_model
+from mmrobust.progress import progress
+
+from mmrobust.tables import ROW_FIELDS
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    label: str       # unique key in the cache
+    attack: str      # registered attack name (or "clean")
+    modality: str    # "all" or the attacked modality
+    eps: float       # radius / severity (sigma for mgn, p for mpm, 0 for clean and missing)
+    params: tuple    # sorted (key, value) pairs passed to the attack
+
+    def kwargs(self) -> dict:
+        return dict(self.params)
+
+
+def _spec(attack: str, modality: str, eps: float, **params) -> AttackSpec:
+    label = f"{attack}|{modality}|{eps:g}"
+    return AttackSpec(label, attack, modality, float(eps), tuple(sorted(params.items())))
+
+
+def attack_grid(cfg: EvaluateCfg, modalities: list[str]) -> list[AttackSpec]:
+    """Every measurement of the paper's tables and figures (SPEC §6), deduplicated."""
+    specs: dict[str, AttackSpec] = {}
+
+    def add(s: AttackSpec) -> None:
+        specs.setdefault(s.label, s)
+
+    pgd = dict(steps=cfg.pgd_steps, restarts=cfg.pgd_restarts, random_start=cfg.pgd_random_start)
+
+    def pgd_kw(eps: float) -> dict:
+        return dict(pgd, step_size=eps * cfg.pgd_step_ratio)
+
+    for eps in sorted({cfg.joint_eps, *cfg.joint_grid}):          # T1, T11, F5
+        if eps > 0:
+            add(_spec("fgm", "all", eps, eps=eps))
+            add(_spec("pgd", "all", eps, eps=eps, **pgd_kw(eps)))
+    for m in modalities:                                            # T2, F1/F4
+        for eps in sorted({cfg.uni_eps, *cfg.uni_grid}):
+            if eps > 0:
+                add(_spec("fgm", m, eps, eps=eps, modalities=[m]))
+                add(_spec("pgd", m, eps, eps=eps, modalities=[m], **pgd_kw(eps)))
+        add(_spec("missing", m, 0.0, modalities=[m]))
+    for sigma in cfg.mgn_sigma:                                     # T7
+        add(_spec("mgn", "all", sigma, sigma=sigma))
+    for p in cfg.mpm_p:
+        add(_spec("mpm", "all", p, p=p))
+    if cfg.mea_eps > 0:
+        add(_spec("mea", "all", cfg.mea_eps, eps=cfg.mea_eps, steps=cfg.mea_steps))
+    return list(specs.values())
+
+
+class Predictor(nn.Module):
+    """The method's own test-time prediction as a model the attacks can differentiate through."""
+
+    def __init__(self, model: nn.Module, method):
+        super().__init__()
+        self.model, self.method = model, method
+        self.modalities = model.modalities
+
+    def forward(self, inputs):
+        return self.method.predict(self.model, inputs)
+
+    def encode(self, inputs):
+        return self.model.encode(inputs)
+
+
+def load_trained(path: str | Path, device: str = "cpu") -> tuple[Predictor, Params, dict]:
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    params = parse_params(ckpt["config"], f"{path}:config")
+    method = build_method(params, ckpt["method"])
+    head = params.train.model.head or method.head
+    head_kwargs = {"reference_compat": True} if head == "crmt" and getattr(method.p, "reference_compat", False) else {}
+    model = build_model(ModelSpec(num_classes=ckpt["num_classes"], modalities=ckpt["modalities"],
+                                  encoder=params.train.model.encoder, width=params.train.model.width, head=head,
+                                  head_kwargs=head_kwargs, encoder_kwargs=params.train.model.encoder_kwargs))
+    method.prepare(model)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return Predictor(model, method).eval(), params, ckpt
+
+
+def test_loader(params: Params, modalities: list[str], cfg: EvaluateCfg) -> DataLoader:
+    ds = AVDataset(params.extract.out_dir, "test", modalities, num_segments=params.train.num_segments,
+                   input_size=params.train.input_size)
+    if cfg.max_samples is not None and cfg.max_samples < len(ds):
+        ds = Subset(ds, range(cfg.max_samples))
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=False)
+
+
+def _read_cache(path: Path) -> dict[int, dict]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["batch"]] = rec
+            except (json.JSONDecodeError, KeyError):
+                break  # a torn last line from an interrupted write: that batch is redone
+    return done
+
+
+def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir: str | Path,
+                   log=print, stop_after: int | None = None) -> list[dict]:
+    """All attack measurements of one trained model as tidy rows (resumable through the cache)."""
+    predictor, params, ckpt = load_trained(path)
+    specs = attack_grid(cfg, ckpt["modalities"])
+    loader = test_loader(params, ckpt["modalities"], cfg)
+    cache = Path(cache_dir) / f"{model_id}.jsonl"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"labels": [s.label for s in specs], "model_mtime": os.path.getmtime(path),
+                   "evaluate": cfg.model_dump(mode="json"), "test_clips": len(loader.dataset)}
+    meta = cache.with_suffix(".meta.json")
+    if not meta.exists() or json.loads(meta.read_text()) != fingerprint:
+        cache.unlink(missing_ok=True)  # another model or another grid: start over
+        meta.write_text(json.dumps(fingerprint))
+    done = _read_cache(cache)
+    if done:
+        log(f"[{model_id}] resuming: {len(done)} of {len(loader)} batches already evaluated")
+    t0 = time.perf_counter()
+    with open(cache, "a") as fh:
+        for i, batch in enumerate(progress(loader, len(loader), f"evaluate {model_id}", "batches")):
+            if i in done:
+                continue
+            if stop_after is not None and i >= stop_after:
+                break
+            torch.manual_seed(cfg.seed + i)  # random starts / noise: same numbers on a rerun
+            inputs = {m: batch[m] for m in ckpt["modalities"]}
+            y = batch["label"]
+            counts = evaluate_attacks(predictor, inputs, y, [(s.label, s.attack, s.kwargs()) for s in specs])
+            rec = {"batch": i, "n": len(y), "counts": {k: int(v) for k, v in counts.items()}}
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            done[i] = rec
+    if len(done) < len(loader):
+        return []
+    n = sum(r["n"] for r in done.values())
+    correct = {k: sum(r["counts"][k] for r in done.values()) for k in ["clean", *(s.label for s in specs)]}
+    base = dict(dataset=params.data.dataset, method=ckpt["method"], model=model_id, n=n)
+    rows = [dict(base, attack="clean", modality="all", eps=0.0, accuracy=correct["clean"] / n)]
+    rows += [dict(base, attack=s.attack, modality=s.modality, eps=s.eps, accuracy=correct[s.label] / n)
+             for s in specs]
+    log(f"[{model_id}] {len(specs)} attacks x {n} samples in {time.perf_counter() - t0:.1f} s")
+    return rows
+
+
+def evaluate_all(params: Params, models_dir: str | Path = "models", cache_dir: str | Path = ".cache/eval",
+                 log=print) -> dict:
+    """Evaluate every configured model, write tables, figures and metrics under evaluate.out_dir, log to MLflow."""
+    from mmrobust import tables
+    from mmrobust.io import atomic_dir, write_csv, write_json
+
+    cfg = params.evaluate
+    ids = cfg.models if cfg.models is not None else list(params.models)
+    missing = [m for m in ids if not (Path(models_dir) / m / "model.pt").exists()]
+    if missing:
+        raise FileNotFoundError(f"no trained model for {missing} under {models_dir}/ (run the train stages first)")
+    rows: list[dict] = []
+    for i, mid in enumerate(ids):
+        log(f"[evaluate] model {i + 1}/{len(ids)}: {mid}")
+        rows += evaluate_model(Path(models_dir) / mid / "model.pt", mid, cfg, cache_dir, log=log)
+    methods = {mid: next(r["method"] for r in rows if r["model"] == mid) for mid in ids}
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Each output (a DVC out of its own) is built in a temp dir and moved into place in one rename.
+    with atomic_dir(out / "tables") as tmp:
+        written = [out / "tables" / p.name for p in
+                   tables.write_tables(rows, tmp, cfg.joint_eps, cfg.uni_eps, methods)]
+    with atomic_dir(out / "figures") as tmp:
+        figures = [out / "figures" / p.name for p in tables.write_figures(rows, tmp, methods)]
+    with atomic_dir(out / "per_model") as tmp:
+        for mid in ids:
+            write_csv(tmp / f"{mid}.csv", [r for r in rows if r["model"] == mid], ROW_FIELDS)
+    write_csv(out / "measurements.csv", rows, ROW_FIELDS)
+    metrics = headline_metrics(rows, cfg)
+    write_json(out / "metrics.json", metrics)
+    tables.write_index(out, written, figures)
+    log(f"[evaluate] {len(rows)} measurements, {len(written)} tables, {len(figures)} figures -> {out}/ "
+        f"(see {out}/README.md)")
+    log_to_mlflow(params, ids, rows, metrics, out, models_dir, log)
+    return metrics
+
+
+def headline_metrics(rows: list[dict], cfg: EvaluateCfg) -> dict:
+    """{model: {clean, fgm, pgd, pgd_<m> (uni-modal), missing_<m>}} for DVC metrics and MLflow."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        key = None
+        if r["attack"] == "clean":
+            key = "clean"
+        elif r["modality"] == "all" and r["attack"] in ("fgm", "pgd") and abs(r["eps"] - cfg.joint_eps) < 1e-9:
+            key = r["attack"]
+        elif r["modality"] != "all" and r["attack"] in ("fgm", "pgd") and abs(r["eps"] - cfg.uni_eps) < 1e-9:
+            key = f"{r['attack']}_{r['modality']}"
+        elif r["attack"] == "missing":
+            key = f"missing_{r['modality']}"
+        if key:
+            out.setdefault(r["model"], {})[key] = round(float(r["accuracy"]), 4)
+    return out
+
+
+def log_to_mlflow(params: Params, ids: list[str], rows: list[dict], metrics: dict, out: Path,
+                  models_dir: str | Path, log=print) -> None:
+    """Headline accuracies as metrics and the tables/figures as artifacts of each model's training run."""
+    from mmrobust import tracking
+
+    for mid in ids:
+        info_file = Path(models_dir) / mid / "mlflow_run.json"
+        if not info_file.exists():
+            log(f"[evaluate] {mid}: no MLflow run recorded ({info_file}); not logged")
+            continue
+        info = json.loads(info_file.read_text())
+        uri = tracking.resolve_uri(params.tracking.uri) if "MLFLOW_TRACKING_URI" in os.environ else info["tracking_uri"]
+        c = tracking.client(uri)
+        tracking.log_metrics(c, info["run_id"], {f"eval_{k}": v for k, v in metrics.get(mid, {}).items()})
+        c.log_artifact(info["run_id"], str(out / "per_model" / f"{mid}.csv"), "evaluation")
+        for folder in ("tables", "figures"):
+            if (out / folder).exists():
+                c.log_artifacts(info["run_id"], str(out / folder), f"evaluation/{folder}")
+    log(f"[evaluate] logged to MLflow ({params.tracking.experiment})")

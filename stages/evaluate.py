@@ -1,0 +1,31 @@
+"""DVC stage: evaluate every trained model under every attack; write the paper's tables and figures."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmrobust.config import ConfigError, load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--models-dir", default=None, help="default: train.out_dir")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from mmrobust.evaluation import evaluate_all
+
+    try:
+        evaluate_all(params, args.models_dir or params.train.out_dir)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
