@@ -29,7 +29,7 @@ class SyntheticAudio(_Strict):
 class SyntheticVisual(_Strict):
     noise_std: float = Field(0.25, ge=0, le=2, description="pixel noise std on a [0,1] image")
     distractors: int = Field(2, ge=0, le=20, description="moving objects of random classes")
-    object_scale: float = Field(0.10, gt=0, le=0.5, description="object radius / frame size")
+    object_scale: float = Field(0.10, gt=0, le=0.3, description="object radius / frame size")
     ambiguity: float = Field(0.05, ge=0, le=1, description="probability that the object belongs to another class")
 
 
