@@ -44,7 +44,7 @@ def write_clip(path: str | Path, frames: np.ndarray, fps: int, audio: np.ndarray
         vs = container.add_stream("h264", rate=fps)
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         # Deterministic output: single-threaded encoder, fixed options.
-        # mbtree rate control reads uninitialised state: without it the output is byte-identical across runs
+        # mbtree rate control depends on uninitialised memory; with it off, output is byte-identical across runs
         vs.codec_context.options = {"preset": "veryfast", "crf": "18", "threads": "1", "x264-params": "mbtree=0"}
         vs.thread_count = 1
         astream = None
