@@ -218,8 +218,8 @@ class ModelEntry(_Strict):
     """One trained model: a method plus overrides of any params group (deep-merged, then re-validated)."""
     method: str
     # The method's hyper-parameter group (e.g. crmt for every crmt_* method; train for methods without one).
-    # Spelled out because the DVC train stage declares it as a param dependency.
-    group: str = "train"
+    # Required and spelled out because the DVC train stage declares it as a param dependency.
+    group: str
     overrides: dict[str, dict] = {}
 
 

@@ -39,9 +39,9 @@ class AttackSpec:
         return dict(self.params)
 
 
-def _spec(attack: str, modality: str, eps: float, **params) -> AttackSpec:
-    label = f"{attack}|{modality}|{eps:g}"
-    return AttackSpec(label, attack, modality, float(eps), tuple(sorted(params.items())))
+def _spec(attack: str, modality: str, size: float, **params) -> AttackSpec:
+    label = f"{attack}|{modality}|{size:g}"
+    return AttackSpec(label, attack, modality, float(size), tuple(sorted(params.items())))
 
 
 def attack_grid(cfg: EvaluateCfg, modalities: list[str]) -> list[AttackSpec]:

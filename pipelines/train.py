@@ -40,13 +40,10 @@ def absolute_paths(params: Params, base: Path) -> Params:
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; torch.distributed is already initialised when num_workers > 1."""
-    import logging
-
     import ray.train
 
     from mmrobust.train import Trainer
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines drown the progress
     params = parse_params(config["params"], "train_loop_config")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -127,7 +124,9 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=cfg.storage_dir,
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       # per-report INFO lines would drown the epoch progress lines
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     t0 = time.perf_counter()
     result = trainer.fit()

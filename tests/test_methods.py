@@ -121,7 +121,7 @@ def test_method_params_are_validated():
     with pytest.raises(ConfigError, match="train.method: got 'crmt'; allowed values"):
         parse_params({"train": {"method": "crmt"}})
     with pytest.raises(ConfigError, match="models.x.group: method 'crmt_at' reads group 'crmt'"):
-        parse_params({"models": {"x": {"method": "crmt_at"}}})
+        parse_params({"models": {"x": {"method": "crmt_at", "group": "train"}}})
     params = parse_params({"train": {"method": "crmt_at"}, "crmt": {"rho": 0.5}})
     assert build_method(params).p.rho == 0.5
     # per-model overrides are merged and re-validated

@@ -1,0 +1,82 @@
+"""Run a command (e.g. `dvc repro`) against one local Ray head that lives as long as the command.
+
+    python -m pipelines.local_cluster -- dvc repro
+
+Every stage then connects through RAY_ADDRESS instead of starting and stopping a cluster of its own (several
+seconds per stage). If RAY_ADDRESS is already set, the command runs against that cluster and nothing is
+started. The head runs in its own process group (`ray start --block`) and that group alone is stopped at the
+end, so other Ray clusters on the machine are left alone.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_head(num_cpus: int | None = None, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    port = _free_port()
+    tmp = Path(tempfile.gettempdir()) / "mmrobust-ray"
+    tmp.mkdir(parents=True, exist_ok=True)
+    ray = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+           f"--num-cpus={num_cpus or os.cpu_count()}", "--include-dashboard=false", "--disable-usage-stats",
+           f"--temp-dir={tmp}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, address
+        time.sleep(0.5)
+    stop_head(proc)
+    raise TimeoutError(f"ray head on {address} did not come up in {timeout:.0f} s")
+
+
+def stop_head(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("usage: python -m pipelines.local_cluster -- COMMAND...", file=sys.stderr)
+        return 2
+    if os.environ.get("RAY_ADDRESS"):
+        return subprocess.call(argv)
+    proc, address = start_head()
+    print(f"ray: local head at {address} for `{' '.join(argv)}`", flush=True)
+    try:
+        return subprocess.call(argv, env={**os.environ, "RAY_ADDRESS": address})
+    finally:
+        stop_head(proc)
+        print("ray: local head stopped", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

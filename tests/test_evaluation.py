@@ -1,0 +1,120 @@
+"""Evaluation stage: attack grid, resumable per-batch cache, tables from a fixture results file."""
+import json
+
+import pytest
+import torch
+
+from helpers import make_clip, write_manifest
+from mmrobust.config import EvaluateCfg, parse_params
+from mmrobust.data.extract import extract
+from mmrobust.evaluation import attack_grid, evaluate_model, headline_metrics, load_trained
+from mmrobust.io import write_csv
+from mmrobust.tables import markdown, pivot, write_tables, _col
+from mmrobust.train import fit
+
+CFG = EvaluateCfg(batch_size=2, joint_grid=[0.5, 1.0], uni_grid=[1.0], mgn_sigma=[0.5], mpm_p=[0.3],
+                  mea_eps=0.5, mea_steps=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny dataset extracted for real, and a CRMT-JT model trained on it by `fit`."""
+    root = tmp_path_factory.mktemp("eval")
+    rows = []
+    for i in range(12):
+        make_clip(root / "v" / f"c{i}.mp4", seconds=1.5, dx=1 + i % 2, freq=300 + 400 * (i % 2), seed=i)
+        rows.append(dict(clip_id=f"c{i}", path=f"v/c{i}.mp4", label=i % 2, split="train" if i < 8 else "test"))
+    manifest = write_manifest(root / "manifest", root, rows)
+    write_csv(manifest / "classes.csv", [{"label": 0, "name": "a"}, {"label": 1, "name": "b"}], ["label", "name"])
+    params = parse_params({
+        "data": {"out_dir": str(manifest)},
+        "extract": {"out_dir": str(root / "features"), "timing": {"fps": 2.0, "max_frames": 3},
+                    "visual": {"size": 32}, "audio": {"preset": "cpu_fbank", "clip_s": 1.5, "frames": 60}},
+        "train": {"method": "crmt_jt", "epochs": 2, "batch_size": 4, "model": {"width": 2}},
+        "crmt": {"step2_epochs": 1}})
+    for m in ("visual", "audio"):
+        extract(m, params.extract, manifest, progress=False)
+    metrics = fit(params, out_dir=root / "models" / "crmt_jt", log=lambda *_: None)
+    return root / "models" / "crmt_jt" / "model.pt", metrics
+
+
+def test_attack_grid_covers_every_table_once():
+    specs = attack_grid(CFG, ["audio", "visual"])
+    labels = [s.label for s in specs]
+    assert len(labels) == len(set(labels))
+    have = {(s.attack, s.modality, s.eps) for s in specs}
+    assert {("fgm", "all", 0.5), ("pgd", "all", 0.5), ("fgm", "all", 1.0)} <= have          # T1, T11
+    assert {("pgd", "audio", 1.0), ("fgm", "visual", 1.0), ("missing", "audio", 0.0)} <= have  # T2
+    assert {("mgn", "all", 0.5), ("mpm", "all", 0.3), ("mea", "all", 0.5)} <= have           # T7
+    pgd = next(s for s in specs if s.attack == "pgd" and s.modality == "all" and s.eps == 1.0).kwargs()
+    assert pgd["steps"] == 4 and pgd["step_size"] == pytest.approx(1.0 / 3)
+
+
+def test_loaded_model_predicts_like_the_trained_one(trained):
+    path, metrics = trained
+    predictor, params, ckpt = load_trained(path)
+    assert ckpt["method"] == "crmt_jt" and params.crmt.step2_epochs == 1
+    w = predictor.model.head.uni_weight("audio")
+    torch.testing.assert_close(w @ w.T, torch.eye(2), atol=1e-5, rtol=0)
+    rows = evaluate_model(path, "crmt_jt", CFG, path.parent / "cache", log=lambda *_: None)
+    clean = next(r for r in rows if r["attack"] == "clean")
+    assert clean["accuracy"] == pytest.approx(metrics["test_acc"]) and clean["n"] == 4
+
+
+def test_attacks_never_beat_clean_and_grow_with_eps(trained, tmp_path):
+    path, _ = trained
+    rows = evaluate_model(path, "m", CFG, tmp_path, log=lambda *_: None)
+    acc = {(r["attack"], r["modality"], r["eps"]): r["accuracy"] for r in rows}
+    clean = acc[("clean", "all", 0.0)]
+    assert all(v <= clean + 1e-9 for k, v in acc.items() if k[0] in ("fgm", "pgd", "mea"))
+    assert acc[("pgd", "all", 1.0)] <= acc[("pgd", "all", 0.5)]
+    assert {r["modality"] for r in rows} == {"all", "audio", "visual"}
+    metrics = headline_metrics(rows, CFG)["m"]
+    assert set(metrics) >= {"clean", "fgm", "pgd", "pgd_audio", "pgd_visual", "missing_audio"}
+
+
+def test_evaluation_resumes_after_interruption(trained, tmp_path):
+    path, _ = trained
+    cache = tmp_path / "cache"
+    assert evaluate_model(path, "m", CFG, cache, stop_after=1, log=lambda *_: None) == []  # "killed" after 1 batch
+    lines = (cache / "m.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["batch"] == 0
+    with open(cache / "m.jsonl", "a") as fh:
+        fh.write('{"batch": 1, "n": 2, "cou')  # a torn write from the kill
+    messages = []
+    resumed = evaluate_model(path, "m", CFG, cache, log=messages.append)
+    assert any("resuming: 1 of 2 batches" in m for m in messages)
+    fresh = evaluate_model(path, "m", CFG, tmp_path / "fresh", log=lambda *_: None)
+    assert resumed == fresh
+
+
+FIXTURE = [dict(dataset="synthetic", method=m, model=m, attack=a, modality=mod, eps=e, accuracy=acc, n=100)
+           for m, base in (("jt", 0.8), ("crmt_jt", 0.9), ("crmt_jt_it2", 0.92))
+           for a, mod, e, acc in (("clean", "all", 0.0, base), ("fgm", "all", 0.5, base - 0.3),
+                                  ("pgd", "all", 0.5, base - 0.4), ("fgm", "all", 1.0, base - 0.5),
+                                  ("pgd", "audio", 1.0, base - 0.6), ("pgd", "visual", 1.0, base - 0.1),
+                                  ("fgm", "audio", 1.0, base - 0.5), ("fgm", "visual", 1.0, base - 0.05),
+                                  ("missing", "audio", 0.0, 0.3), ("missing", "visual", 0.0, base - 0.02))]
+
+
+def test_tables_from_fixture_results(tmp_path):
+    methods = {"jt": "jt", "crmt_jt": "crmt_jt", "crmt_jt_it2": "crmt_jt"}
+    written = {p.stem for p in write_tables(FIXTURE, tmp_path, 0.5, 1.0, methods)}
+    assert {"T1", "T2", "T11"} <= written and "T10" in written  # crmt_jt is one of T10's models
+    t1 = (tmp_path / "T1.md").read_text().splitlines()
+    assert t1[2] == "| model | Clean | FGM 0.5 | PGD 0.5 |"
+    assert t1[4] == "| jt | 0.800 | 0.500 | 0.400 |" and t1[5] == "| crmt_jt | 0.900 | 0.600 | 0.500 |"
+    t2 = (tmp_path / "T2.md").read_text()
+    assert "| jt | 0.800 | 0.300 | 0.750 | 0.200 | 0.700 | 0.300 | 0.780 |" in t2
+    t11 = (tmp_path / "T11.md").read_text()
+    assert "| crmt_jt_it2 | 0.920 | 0.620 | 0.420 |" in t11 and "| jt |" not in t11
+    import csv
+    with open(tmp_path / "T1.csv") as fh:
+        used = list(csv.DictReader(fh))
+    assert len(used) == 9 and {r["attack"] for r in used} == {"clean", "fgm", "pgd"}
+
+
+def test_pivot_marks_missing_measurements():
+    header, body, used = pivot(FIXTURE[:1], ["jt"], [_col("clean"), _col("mea", eps=0.5)])
+    assert body == [["jt", "0.800", "–"]] and len(used) == 1
+    assert markdown("x", header, body).splitlines()[3] == "|---|---|---|"
