@@ -79,3 +79,28 @@ def tiny_data(num_classes: int = 3, modalities=("audio", "visual"), n: int = 24)
     return Data(TinyAV(n, num_classes, 0, modalities=mods), TinyAV(n, num_classes, 0, modalities=mods),
                 TinyAV(12, num_classes, 1, modalities=mods), TinyAV(12, num_classes, 2, modalities=mods),
                 num_classes, mods)
+
+
+def tiny_project(root: Path, train: dict | None = None, **groups):
+    """12 real clips (2 classes) ingested and extracted for real into `root`; returns the params for them."""
+    from mmrobust.config import parse_params
+    from mmrobust.data.extract import extract
+
+    rows = []
+    for i in range(12):
+        make_clip(root / "v" / f"c{i}.mp4", seconds=1.5, dx=1 + i % 2, freq=300 + 400 * (i % 2), seed=i)
+        split = "train" if i < 6 else ("val" if i < 8 else "test")
+        rows.append(dict(clip_id=f"c{i}", path=f"v/c{i}.mp4", label=i % 2, split=split))
+    manifest = write_manifest(root / "manifest", root, rows)
+    write_csv(manifest / "classes.csv", [{"label": 0, "name": "a"}, {"label": 1, "name": "b"}], ["label", "name"])
+    params = parse_params({
+        "data": {"out_dir": str(manifest)},
+        "extract": {"out_dir": str(root / "features"), "timing": {"fps": 2.0, "max_frames": 3},
+                    "visual": {"size": 32}, "audio": {"preset": "cpu_fbank", "clip_s": 1.5, "frames": 60}},
+        "train": {"epochs": 2, "batch_size": 4, "model": {"width": 2}, "storage_dir": str(root / "ray"),
+                  "out_dir": str(root / "models"), **(train or {})},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+        **groups})
+    for m in ("visual", "audio"):
+        extract(m, params.extract, manifest, progress=False)
+    return params

@@ -4,11 +4,9 @@ import json
 import pytest
 import torch
 
-from helpers import make_clip, write_manifest
-from mmrobust.config import EvaluateCfg, parse_params
-from mmrobust.data.extract import extract
+from helpers import tiny_project
+from mmrobust.config import EvaluateCfg
 from mmrobust.evaluation import attack_grid, evaluate_model, headline_metrics, load_trained
-from mmrobust.io import write_csv
 from mmrobust.tables import markdown, pivot, write_tables, _col
 from mmrobust.train import fit
 
@@ -20,20 +18,7 @@ CFG = EvaluateCfg(batch_size=2, joint_grid=[0.5, 1.0], uni_grid=[1.0], mgn_sigma
 def trained(tmp_path_factory):
     """A tiny dataset extracted for real, and a CRMT-JT model trained on it by `fit`."""
     root = tmp_path_factory.mktemp("eval")
-    rows = []
-    for i in range(12):
-        make_clip(root / "v" / f"c{i}.mp4", seconds=1.5, dx=1 + i % 2, freq=300 + 400 * (i % 2), seed=i)
-        rows.append(dict(clip_id=f"c{i}", path=f"v/c{i}.mp4", label=i % 2, split="train" if i < 8 else "test"))
-    manifest = write_manifest(root / "manifest", root, rows)
-    write_csv(manifest / "classes.csv", [{"label": 0, "name": "a"}, {"label": 1, "name": "b"}], ["label", "name"])
-    params = parse_params({
-        "data": {"out_dir": str(manifest)},
-        "extract": {"out_dir": str(root / "features"), "timing": {"fps": 2.0, "max_frames": 3},
-                    "visual": {"size": 32}, "audio": {"preset": "cpu_fbank", "clip_s": 1.5, "frames": 60}},
-        "train": {"method": "crmt_jt", "epochs": 2, "batch_size": 4, "model": {"width": 2}},
-        "crmt": {"step2_epochs": 1}})
-    for m in ("visual", "audio"):
-        extract(m, params.extract, manifest, progress=False)
+    params = tiny_project(root, {"method": "crmt_jt"}, crmt={"step2_epochs": 1})
     metrics = fit(params, out_dir=root / "models" / "crmt_jt", log=lambda *_: None)
     return root / "models" / "crmt_jt" / "model.pt", metrics
 
