@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 # DVC stage commands call `python`: it must be this environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: env reproduce test clean-data
+.PHONY: env reproduce test ui clean-data
 
 env: $(STAMP)
 
@@ -24,12 +24,16 @@ $(STAMP): requirements.txt pyproject.toml
 	@$(PY) -c "import torch, ray, mlflow, dvc, decord, librosa, cv2, av, mmrobust" 
 	@touch $@
 
+# One local Ray head serves every stage (pipelines/local_cluster.py); RAY_ADDRESS set = use that cluster.
 reproduce: $(STAMP)
-	$(VENV)/bin/dvc repro
-	@echo ">> results: data/ (see README, 'Where results are')"
+	$(PY) -m pipelines.local_cluster -- dvc repro
+	@echo ">> results: results/README.md (tables, figures), models/, MLflow runs in mlflow.db (make ui)"
+
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 test: $(STAMP)
 	$(PY) -m pytest tests
 
 clean-data:
-	rm -rf data/synthetic data/manifest data/features
+	rm -rf data/synthetic data/manifest data/features models results .cache ray_results

@@ -1,5 +1,7 @@
-"""A real `dvc repro` of the data pipeline in a temporary git repo: outputs, no-op re-run, partial re-run,
-and a user's Kinetics-Sounds-layout folder with a broken clip."""
+"""A real `dvc repro` of the whole pipeline (tiny config) in a temporary git repo: data, Ray Train stages,
+evaluation tables, a no-op second run, partial re-runs, and a user's Kinetics-Sounds-layout folder with a broken
+clip."""
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +22,12 @@ TINY = {
                  "size": 32},
     "extract": {"workers": 2, "timing": {"fps": 2.0, "max_frames": 4}, "visual": {"size": 32},
                 "audio": {"preset": "cpu_fbank", "clip_s": 2.0, "frames": 100}},
+    "train": {"epochs": 2, "batch_size": 8, "model": {"width": 2}},
+    "crmt": {"step2_epochs": 1},
+    "evaluate": {"batch_size": 8, "joint_grid": [0.5], "uni_grid": [1.0], "mgn_sigma": [0.5], "mpm_p": [0.3],
+                 "mea_steps": 2},
 }
+MODELS = {"jt": {"method": "jt", "group": "train"}, "crmt_jt": {"method": "crmt_jt", "group": "crmt"}}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -56,31 +63,58 @@ def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("project")
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("mmrobust", "stages"):
+    for name in ("mmrobust", "stages", "pipelines"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     _set_params(repo, TINY)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["models"] = MODELS  # replace the default list
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], repo)
     _dvc(repo, "init", "-q")
     return repo
 
 
+def _repro(repo, *targets):
+    return _run([sys.executable, "-m", "pipelines.local_cluster", "--", sys.executable, "-m", "dvc", "repro",
+                 *targets], repo)
+
+
+DATA_STAGES = {"generate", "ingest", "extract-frames@visual", "extract-audio@audio"}
+
+
 def test_repro_outputs_noop_and_partial_rerun(repo):
-    first = _dvc(repo, "repro")
-    assert _ran(first.stdout) == {"generate", "ingest", "extract-frames@visual", "extract-audio@audio"}
+    first = _repro(repo)
+    assert _ran(first.stdout) == DATA_STAGES | {"train@jt", "train@crmt_jt", "evaluate"}, first.stdout
     visual = np.load(repo / "data/features/visual/data.npy", mmap_mode="r")
     audio = np.load(repo / "data/features/audio/data.npy", mmap_mode="r")
     clips = read_csv(repo / "data/manifest/clips.csv")
     assert visual.shape == (len(clips), 4, 32, 32, 3) and audio.shape == (len(clips), 64, 100)
     assert {c["split"] for c in clips} == {"train", "val", "test"} and len(clips) == 15
     assert read_csv(repo / "data/features/visual/rejected.csv") == []
+    # training and evaluation outputs: models, tables, figures, metrics, and the runs in MLflow
+    for m in MODELS:
+        assert (repo / "models" / m / "model.pt").exists()
+    t1 = (repo / "results/tables/T1.md").read_text()
+    assert "| jt |" in t1 and "| crmt_jt |" in t1
+    metrics = json.loads((repo / "results/metrics.json").read_text())
+    assert set(metrics) == set(MODELS) and all(0 <= v["pgd"] <= v["clean"] for v in metrics.values())
+    assert (repo / "results/figures/F5.png").stat().st_size > 1000 and (repo / "results/README.md").exists()
+    import mlflow
+    runs = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"])
+    assert {r.info.run_name for r in runs} == set(MODELS)
+    assert all("eval_clean" in r.data.metrics for r in runs)
 
-    second = _dvc(repo, "repro")
+    second = _repro(repo)
     assert _ran(second.stdout) == set(), second.stdout
 
-    _set_params(repo, {"extract": {"audio": {"n_mels": 40}}})
-    third = _dvc(repo, "repro")
-    assert _ran(third.stdout) == {"extract-audio@audio"}, third.stdout
+    _set_params(repo, {"crmt": {"rho": 0.5}})  # only the CRMT model and the evaluation depend on it
+    third = _repro(repo)
+    assert _ran(third.stdout) == {"train@crmt_jt", "evaluate"}, third.stdout
+
+    _set_params(repo, {"extract": {"audio": {"n_mels": 40}}})  # the audio stage alone, not the visual one
+    fourth = _repro(repo, "extract-audio@audio")
+    assert _ran(fourth.stdout) == {"extract-audio@audio"}, fourth.stdout
     assert np.load(repo / "data/features/audio/data.npy", mmap_mode="r").shape[1] == 40
 
 
@@ -93,7 +127,7 @@ def test_user_ks_folder_with_broken_clip(repo, tmp_path):
     (user / "train.txt").write_text("\n".join(train + ["broken 1"]) + "\n")
     shutil.copy(repo / "data/synthetic/test.txt", user / "test.txt")
     _set_params(repo, {"data": {"dataset": "ks", "root": str(user), "val_fraction": 0.0}})
-    _dvc(repo, "repro")
+    _dvc(repo, "repro", "extract-frames@visual", "extract-audio@audio")
     for m in ("visual", "audio"):
         rejected = read_csv(repo / f"data/features/{m}/rejected.csv")
         assert [r["clip_id"] for r in rejected] == ["broken"] and rejected[0]["stage"] == m
