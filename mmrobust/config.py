@@ -234,6 +234,9 @@ class EvaluateCfg(_Strict):
     uni_eps: float = Field(1.0, ge=0, description="paper T2: uni-modal radius")
     joint_grid: list[float] = [0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]  # T11 / F5 attack sizes
     uni_grid: list[float] = [0.25, 0.5, 1.0, 2.0]                    # F1/F4 uni-modal PGD radii
+    # The radius grids cost most: only the models of the curve figures/tables get them.
+    joint_grid_models: list[str] = ["jt", "ojt", "crmt_step1", "crmt_step2", "crmt_jt", "crmt_jt_it2", "crmt_jt_it4"]
+    uni_grid_models: list[str] = ["jt", "mmat", "crmt_jt", "crmt_at"]
     pgd_steps: int = Field(4, ge=1, le=1000)
     pgd_step_ratio: float = Field(1 / 3, gt=0, le=1, description="step size = ratio * eps (reference: eps/3)")
     pgd_restarts: int = Field(1, ge=1, le=100)

@@ -44,8 +44,10 @@ def _spec(attack: str, modality: str, size: float, **params) -> AttackSpec:
     return AttackSpec(label, attack, modality, float(size), tuple(sorted(params.items())))
 
 
-def attack_grid(cfg: EvaluateCfg, modalities: list[str]) -> list[AttackSpec]:
-    """Every measurement of the paper's tables and figures (SPEC §6), deduplicated."""
+def attack_grid(cfg: EvaluateCfg, modalities: list[str], joint_curve: bool = True,
+                uni_curve: bool = True) -> list[AttackSpec]:
+    """Every measurement of the paper's tables and figures (SPEC §6), deduplicated. The radius grids (joint:
+    T11/F5, uni-modal: F1/F4) are added only when asked for."""
     specs: dict[str, AttackSpec] = {}
 
     def add(s: AttackSpec) -> None:
@@ -56,14 +58,15 @@ def attack_grid(cfg: EvaluateCfg, modalities: list[str]) -> list[AttackSpec]:
     def pgd_kw(eps: float) -> dict:
         return dict(pgd, step_size=eps * cfg.pgd_step_ratio)
 
-    for eps in sorted({cfg.joint_eps, *cfg.joint_grid}):          # T1, T11, F5
+    for eps in sorted({cfg.joint_eps, *(cfg.joint_grid if joint_curve else [])}):  # T1, T11, F5
         if eps > 0:
             add(_spec("fgm", "all", eps, eps=eps))
             add(_spec("pgd", "all", eps, eps=eps, **pgd_kw(eps)))
-    for m in modalities:                                            # T2, F1/F4
-        for eps in sorted({cfg.uni_eps, *cfg.uni_grid}):
+    for m in modalities:                                            # T2
+        if cfg.uni_eps > 0:
+            add(_spec("fgm", m, cfg.uni_eps, eps=cfg.uni_eps, modalities=[m]))
+        for eps in sorted({cfg.uni_eps, *(cfg.uni_grid if uni_curve else [])}):  # T2, F1/F4
             if eps > 0:
-                add(_spec("fgm", m, eps, eps=eps, modalities=[m]))
                 add(_spec("pgd", m, eps, eps=eps, modalities=[m], **pgd_kw(eps)))
         add(_spec("missing", m, 0.0, modalities=[m]))
     for sigma in cfg.mgn_sigma:                                     # T7
@@ -129,7 +132,7 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
                    log=print, stop_after: int | None = None) -> list[dict]:
     """All attack measurements of one trained model as tidy rows (resumable through the cache)."""
     predictor, params, ckpt = load_trained(path)
-    specs = attack_grid(cfg, ckpt["modalities"])
+    specs = attack_grid(cfg, ckpt["modalities"], model_id in cfg.joint_grid_models, model_id in cfg.uni_grid_models)
     loader = test_loader(params, ckpt["modalities"], cfg)
     cache = Path(cache_dir) / f"{model_id}.jsonl"
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -145,7 +145,7 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     c.set_terminated(run_id)
     run_file.unlink(missing_ok=True)
     shutil.rmtree(Path(cfg.storage_dir) / name, ignore_errors=True)  # finished: the next run starts fresh
-    log(f"[{method}] test acc {metrics.get('test_acc', float('nan')):.3f}; model -> {out_dir / 'model.pt'}; "
+    log(f"[{model_id or method}] test acc {metrics.get('test_acc', float('nan')):.3f}; model -> {out_dir / 'model.pt'}; "
         f"MLflow run {run_id} at {uri}")
     return metrics
 

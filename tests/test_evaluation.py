@@ -11,7 +11,7 @@ from mmrobust.tables import markdown, pivot, write_tables, _col
 from mmrobust.train import fit
 
 CFG = EvaluateCfg(batch_size=2, joint_grid=[0.5, 1.0], uni_grid=[1.0], mgn_sigma=[0.5], mpm_p=[0.3],
-                  mea_eps=0.5, mea_steps=2)
+                  mea_eps=0.5, mea_steps=2, joint_grid_models=["m", "crmt_jt"], uni_grid_models=["m"])
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,8 @@ def test_attack_grid_covers_every_table_once():
     have = {(s.attack, s.modality, s.eps) for s in specs}
     assert {("fgm", "all", 0.5), ("pgd", "all", 0.5), ("fgm", "all", 1.0)} <= have          # T1, T11
     assert {("pgd", "audio", 1.0), ("fgm", "visual", 1.0), ("missing", "audio", 0.0)} <= have  # T2
+    small = {(s.attack, s.modality, s.eps) for s in attack_grid(CFG, ["audio", "visual"], False, False)}
+    assert ("fgm", "all", 1.0) not in small and ("fgm", "all", 0.5) in small and len(small) < len(have)
     assert {("mgn", "all", 0.5), ("mpm", "all", 0.3), ("mea", "all", 0.5)} <= have           # T7
     pgd = next(s for s in specs if s.attack == "pgd" and s.modality == "all" and s.eps == 1.0).kwargs()
     assert pgd["steps"] == 4 and pgd["step_size"] == pytest.approx(1.0 / 3)
