@@ -178,6 +178,7 @@ class ModelCfg(_Strict):
     encoder: str | dict[str, str] = "resnet18"  # one registered encoder for all modalities, or one per modality
     width: int = Field(16, ge=1, le=512, description="base channels; 64 = the paper's ResNet18 (512-d features)")
     head: Optional[Literal["concat", "crmt"]] = None  # None: the method's own head
+    fusion: Literal["late", "mmtm", "mmt"] = "late"  # mmtm: ResNet encoders; mmt: encoder "transformer"
     pretrained: dict[str, str] = {}  # modality -> local torchvision-format ResNet state_dict
     encoder_kwargs: dict[str, dict] = {}
 

@@ -101,7 +101,8 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[Predictor, Para
     head_kwargs = {"reference_compat": True} if head == "crmt" and getattr(method.p, "reference_compat", False) else {}
     model = build_model(ModelSpec(num_classes=ckpt["num_classes"], modalities=ckpt["modalities"],
                                   encoder=params.train.model.encoder, width=params.train.model.width, head=head,
-                                  head_kwargs=head_kwargs, encoder_kwargs=params.train.model.encoder_kwargs))
+                                  head_kwargs=head_kwargs, encoder_kwargs=params.train.model.encoder_kwargs,
+                                  fusion=params.train.model.fusion))
     method.prepare(model)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

@@ -70,7 +70,7 @@ def model_spec(cfg: TrainCfg, method: Method, data: Data) -> ModelSpec:
         head_kwargs["reference_compat"] = True
     return ModelSpec(num_classes=data.num_classes, modalities=data.modalities, encoder=cfg.model.encoder,
                      width=cfg.model.width, head=head, head_kwargs=head_kwargs,
-                     encoder_kwargs=cfg.model.encoder_kwargs)
+                     encoder_kwargs=cfg.model.encoder_kwargs, fusion=cfg.model.fusion)
 
 
 def world() -> tuple[int, int]:

@@ -20,7 +20,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 
 class MethodParams(BaseModel):

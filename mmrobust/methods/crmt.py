@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmrobust import crmt as C
-from mmrobust.methods.base import Ctx, Method, MethodParams, Phase, register_method
+from mmrobust.methods.base import Method, MethodParams, Phase, register_method
 from mmrobust.methods.common import adversarial_inputs, mixup
 
 

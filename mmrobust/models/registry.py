@@ -4,6 +4,8 @@ An encoder factory is called as `factory(in_channels=int, width=int, **encoder_k
 with an `out_dim` attribute that maps (B, C, H, W) or (B, T, C, H, W) to (B, out_dim).
 A head factory is called as `factory(dims: dict[str, int], num_classes: int, **head_kwargs)` and must return a
 module mapping a features dict to `(logits, scores)` (see fusion.py).
+`spec.fusion` picks how encoders and head are wired: "late" (LateFusionModel, built here) or an entry of FUSIONS,
+a `factory(spec) -> model` with LateFusionModel's interface ("mmtm", "mmt": intermediate.py).
 New entries register themselves with the decorators:
 
     @register_encoder("my_net")
@@ -19,6 +21,7 @@ import torch.nn as nn
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 HEADS: dict[str, Callable[..., nn.Module]] = {}
+FUSIONS: dict[str, Callable[..., nn.Module]] = {}
 
 # Input channels implied by a modality's name (the Dataset's convention).
 IN_CHANNELS = {"audio": 1, "visual": 3, "diff": 3, "flow": 2}
@@ -41,6 +44,10 @@ def register_head(name: str):
     return _register(HEADS, "head", name)
 
 
+def register_fusion(name: str):
+    return _register(FUSIONS, "fusion", name)
+
+
 @dataclass
 class ModelSpec:
     num_classes: int
@@ -51,6 +58,7 @@ class ModelSpec:
     encoder_kwargs: dict[str, dict] = field(default_factory=dict)  # per modality
     head_kwargs: dict = field(default_factory=dict)
     in_channels: dict[str, int] = field(default_factory=dict)  # overrides IN_CHANNELS
+    fusion: str = "late"  # "late" (LateFusionModel) | "mmtm" | "mmt" (intermediate fusion, intermediate.py)
 
     @classmethod
     def from_dict(cls, raw: Mapping) -> "ModelSpec":
@@ -67,6 +75,14 @@ def _lookup(table: dict, kind: str, name: str):
     return table[name]
 
 
+def input_channels(spec: ModelSpec, m: str) -> int:
+    channels = spec.in_channels.get(m, IN_CHANNELS.get(m))
+    if channels is None:
+        raise ValueError(f"model spec: cannot infer input channels of modality {m!r}; "
+                         f"known {sorted(IN_CHANNELS)}, or set in_channels[{m!r}]")
+    return channels
+
+
 def build_model(spec: ModelSpec | Mapping) -> nn.Module:
     from .fusion import LateFusionModel
 
@@ -74,15 +90,14 @@ def build_model(spec: ModelSpec | Mapping) -> nn.Module:
         spec = ModelSpec.from_dict(spec)
     if not spec.modalities or len(set(spec.modalities)) != len(spec.modalities):
         raise ValueError(f"model spec: modalities must be a non-empty list of distinct names, got {spec.modalities}")
+    if spec.fusion != "late":
+        from . import intermediate  # noqa: F401  (registers "mmtm" and "mmt")
+        return _lookup(FUSIONS, "fusion", spec.fusion)(spec)
     encoders = {}
     for m in spec.modalities:
         name = spec.encoder if isinstance(spec.encoder, str) else spec.encoder[m]
-        channels = spec.in_channels.get(m, IN_CHANNELS.get(m))
-        if channels is None:
-            raise ValueError(f"model spec: cannot infer input channels of modality {m!r}; "
-                             f"known {sorted(IN_CHANNELS)}, or set in_channels[{m!r}]")
         encoders[m] = _lookup(ENCODERS, "encoder", name)(
-            in_channels=channels, width=spec.width, **spec.encoder_kwargs.get(m, {}))
+            in_channels=input_channels(spec, m), width=spec.width, **spec.encoder_kwargs.get(m, {}))
     dims = {m: enc.out_dim for m, enc in encoders.items()}
     head = _lookup(HEADS, "head", spec.head)(dims, spec.num_classes, **spec.head_kwargs)
     return LateFusionModel(encoders, head)
