@@ -247,6 +247,8 @@ class EvaluateCfg(_Strict):
     mea_eps: float = Field(0.5, ge=0)
     mea_steps: int = Field(10, ge=1)
     tsne_samples: int = Field(300, ge=10)
+    eta_models: list[str] = ["jt", "ojt", "mmat", "crmt_step1", "crmt_step2", "crmt_jt", "crmt_at"]  # F3/F8
+    tsne_models: list[str] = ["jt", "crmt_jt"]  # F7
 
 
 # ---------------------------------------------------------------- the whole file

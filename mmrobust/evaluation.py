@@ -196,8 +196,11 @@ def evaluate_all(params: Params, models_dir: str | Path = "models", cache_dir: s
     with atomic_dir(out / "tables") as tmp:
         written = [out / "tables" / p.name for p in
                    tables.write_tables(rows, tmp, cfg.joint_eps, cfg.uni_eps, methods)]
+    from mmrobust.analysis_figures import analysis_figures
+
     with atomic_dir(out / "figures") as tmp:
-        figures = [out / "figures" / p.name for p in tables.write_figures(rows, tmp, methods)]
+        made = tables.write_figures(rows, tmp, methods) + analysis_figures(params, ids, models_dir, tmp, log)
+        figures = [out / "figures" / p.name for p in made]
     with atomic_dir(out / "per_model") as tmp:
         for mid in ids:
             write_csv(tmp / f"{mid}.csv", [r for r in rows if r["model"] == mid], ROW_FIELDS)

@@ -122,8 +122,10 @@ def write_figures(rows: list[dict], out: Path, models: dict[str, str]) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     written = []
     mods = modalities_of(rows)
-    curve_models = [m for m in CURVE_MODELS + _others(models, CURVE_MODELS + F5_MODELS) if m in models]
-    curve_models = [m for m in curve_models if any(r["model"] == m for r in rows)]
+    # models measured on the uni-modal radius grid (more than one radius), paper's order first
+    def on_grid(m: str) -> bool:
+        return len({r["eps"] for r in rows if r["model"] == m and r["attack"] == "pgd" and r["modality"] != "all"}) > 1
+    curve_models = [m for m in CURVE_MODELS + _others(models, CURVE_MODELS) if m in models and on_grid(m)]
     if curve_models and mods:
         fig, axes = plt.subplots(1, len(curve_models), figsize=(4 * len(curve_models), 3.2), squeeze=False)
         for ax, model in zip(axes[0], curve_models):

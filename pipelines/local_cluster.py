@@ -34,12 +34,13 @@ def start_head(num_cpus: int | None = None, timeout: float = 120.0) -> tuple[sub
     cmd = [ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--num-cpus={num_cpus or os.cpu_count()}", "--include-dashboard=false", "--disable-usage-stats",
            f"--temp-dir={tmp}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log = open(tmp / f"head-{port}.log", "wb")  # a file, not a pipe: a full pipe would block the head
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"ray start failed ({proc.returncode}); see {log.name}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return proc, address
@@ -49,7 +50,8 @@ def start_head(num_cpus: int | None = None, timeout: float = 120.0) -> tuple[sub
 
 
 def stop_head(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    # `ray start --block` shuts its cluster down cleanly on SIGINT (in about a second); SIGTERM can hang.
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
             proc.wait(timeout=wait)

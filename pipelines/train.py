@@ -56,9 +56,12 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[{config['method']}] rank {rank}: resumed from epoch {start}", flush=True)
     mlflow = tracking.client(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
     fail_at = config.get("fail_at_epoch")
+    marker = Path(config["fault_marker"]) if config.get("fault_marker") else None
     t0 = time.perf_counter()
     for epoch in range(start, trainer.epochs):
-        if fail_at is not None and epoch == fail_at and rank == ctx.get_world_size() - 1 and ckpt is None:
+        if fail_at is not None and epoch == fail_at and rank == ctx.get_world_size() - 1 and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()  # once per run, whichever checkpoint the restarted group resumes from
             print(f"fault injection: worker rank {rank} exits at epoch {epoch}", flush=True)
             os._exit(1)
         metrics = trainer.run_epoch(epoch)
@@ -119,7 +122,8 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"params": params.model_dump(mode="json"), "method": method, "run_id": run_id,
-                           "tracking_uri": uri, "fail_at_epoch": fail_at_epoch},
+                           "tracking_uri": uri, "fail_at_epoch": fail_at_epoch,
+                           "fault_marker": str(Path(cfg.storage_dir) / name / ".fault_injected")},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=cfg.storage_dir,
