@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from mmrobust.config import deep_merge
 from mmrobust.io import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +29,6 @@ TINY = {
                  "mea_steps": 2},
 }
 MODELS = {"jt": {"method": "jt", "group": "train"}, "crmt_jt": {"method": "crmt_jt", "group": "crmt"}}
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
 
 
 def _run(args, cwd, check=True):
@@ -55,7 +49,7 @@ def _ran(out: str) -> set[str]:
 
 def _set_params(repo: Path, over: dict) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, over), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, over), sort_keys=False))
 
 
 @pytest.fixture(scope="module")
