@@ -27,8 +27,9 @@ def ray_session(num_cpus: int | None = None, log=print) -> Iterator[None]:
     else:
         tmp = Path(tempfile.gettempdir()) / "mmrobust-ray"
         tmp.mkdir(parents=True, exist_ok=True)
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(tmp),
-                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        # address="local": always a fresh cluster, never a stale one recorded in the temp dir
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 _temp_dir=str(tmp), log_to_driver=True, configure_logging=True, logging_level="WARNING")
         log(f"ray: started a local cluster ({num_cpus or os.cpu_count()} CPUs); set RAY_ADDRESS to use yours")
     try:
         yield
