@@ -185,7 +185,9 @@ class Trainer:
         params = [p for g in self.opt.param_groups for p in g["params"]]
         sums: dict[str, float] = {}
         n_batches, n_samples, start = 0, 0, time.perf_counter()
+        data_seconds, waiting_since = 0.0, start
         for i, batch in enumerate(self.loader("train", shuffle=True, epoch=epoch)):
+            data_seconds += time.perf_counter() - waiting_since  # time the step waited for its batch
             if self.cfg.max_batches and i >= self.cfg.max_batches:
                 break
             inputs, y = split_batch(batch, self.data.modalities, self.device)
@@ -202,6 +204,7 @@ class Trainer:
             n_samples += len(y)
             for k, v in {"loss": loss.detach(), **logs}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            waiting_since = time.perf_counter()
         if self.sched is not None:
             self.sched.step()
         sync_buffers(self.model)
@@ -210,7 +213,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         metrics = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
         metrics.update(epoch=epoch, phase=phase.name, samples_per_s=n_samples / max(seconds, 1e-9),
-                       epoch_seconds=seconds)
+                       epoch_seconds=seconds, data_wait_share=data_seconds / max(seconds, 1e-9))
         val = self.evaluate("val") if len(self.data.val) else self.evaluate("train_eval")
         metrics.update({f"val_{k}": v for k, v in val.items()})
         self.history.append(metrics)
