@@ -64,3 +64,11 @@ def write_csv(path: str | Path, rows: Iterable[dict], fieldnames: list[str]) -> 
 def read_csv(path: str | Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def save_png(fig, path: str | Path, dpi: int = 150) -> Path:
+    """Write a matplotlib figure as PNG atomically (a killed run never leaves a truncated image)."""
+    path = Path(path)
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=dpi)
+    return path

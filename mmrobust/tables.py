@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mmrobust.io import atomic_file, write_csv
+from mmrobust.io import atomic_file, save_png, write_csv
 
 ROW_FIELDS = ["dataset", "method", "model", "attack", "modality", "eps", "accuracy", "n"]
 ATTACK_NAMES = {"clean": "Clean", "fgm": "FGM", "pgd": "PGD", "missing": "Missing", "mgn": "MGN", "mpm": "MPM",
@@ -160,8 +160,7 @@ def write_figures(rows: list[dict], out: Path, models: dict[str, str]) -> list[P
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    with atomic_file(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return path
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from mmrobust.attacks.evaluate import split_batch
+from mmrobust.io import save_png
 
 
 @torch.no_grad()
@@ -74,7 +75,4 @@ def plot_tsne(embeddings: dict[str, np.ndarray], labels: np.ndarray, path: str |
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    return path
+    return save_png(fig, path)
