@@ -224,10 +224,55 @@ class ModelEntry(_Strict):
     overrides: dict[str, dict] = {}
 
 
+# ---------------------------------------------------------------- tune (Ray Tune over a method's params)
+class SearchDim(_Strict):
+    """One searched parameter: loguniform/uniform on [low, high], randint on [low, high), or one of `values`."""
+    dist: Literal["loguniform", "uniform", "randint", "choice"]
+    low: Optional[float] = None
+    high: Optional[float] = None
+    values: Optional[list[float | int | bool | str]] = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.dist == "choice":
+            if not self.values:
+                raise ValueError("dist 'choice' needs a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"dist {self.dist!r} needs low < high, got low={self.low}, high={self.high}")
+        elif self.dist == "loguniform" and self.low <= 0:
+            raise ValueError(f"dist 'loguniform' needs low > 0, got {self.low}")
+        return self
+
+
+class TuneCfg(_Strict):
+    """ASHA search; every trial is a TorchTrainer run of `base`, scored by l2-PGD accuracy on the validation split."""
+    base: ModelEntry = ModelEntry(method="crmt_jt", group="crmt")
+    space: dict[str, SearchDim] = {  # "<group>.<key>" of base.group or train -> distribution
+        "crmt.rho": SearchDim(dist="loguniform", low=0.5, high=8.0),
+        "crmt.iterations": SearchDim(dist="choice", values=[1, 2]),
+        "crmt.step2_epochs": SearchDim(dist="choice", values=[2, 4]),
+        "crmt.step2_lr": SearchDim(dist="loguniform", low=0.003, high=0.03)}
+    num_samples: int = Field(4, ge=1, le=100000, description="trials")
+    max_concurrent: int = Field(2, ge=1, le=10000)
+    grace_period: int = Field(2, ge=1, description="epochs before ASHA may stop a trial")
+    reduction_factor: float = Field(2.0, gt=1)
+    seed: int = 2024
+    eps: float = Field(0.5, gt=0, description="joint l2-PGD radius of the objective")
+    pgd_steps: int = Field(4, ge=1, le=1000)
+    pgd_step_ratio: float = Field(1 / 3, gt=0, le=1)
+    trial_cpus: float = Field(0.25, ge=0, description="CPUs held by the Tune function that drives a trial")
+    worker_cpus: Optional[float] = Field(0.5, gt=0, description="CPUs per Ray Train worker in a trial (None: train.cpus_per_worker)")
+    out_dir: str = "tune"
+
+    @property
+    def best_params_file(self) -> Path:
+        return Path(self.out_dir) / "best_params.yaml"
+
+
 # ---------------------------------------------------------------- evaluate
 class EvaluateCfg(_Strict):
     out_dir: str = "results"
-    models: Optional[list[str]] = None  # None: every entry of `models`
+    models: Optional[list[str]] = None  # None: every entry of `models` and `tuned_models`
     batch_size: int = Field(64, ge=1, le=4096)
     max_samples: Optional[int] = Field(None, ge=1, description="evaluate the first N test clips only")
     seed: int = 2024
@@ -259,16 +304,32 @@ class Params(_Strict):
     train: TrainCfg = TrainCfg()
     tracking: TrackingCfg = TrackingCfg()
     models: dict[str, ModelEntry] = {}
+    tune: TuneCfg = TuneCfg()
+    # Trained with the tune stage's best params (tune.out_dir/best_params.yaml) under their own overrides.
+    tuned_models: dict[str, ModelEntry] = {}
     evaluate: EvaluateCfg = EvaluateCfg()
 
-    def for_model(self, model_id: str) -> "Params":
-        """The params one model trains with: its overrides merged in and train.method set."""
-        if model_id not in self.models:
-            raise ConfigError(f"models.{model_id}: no such model; configured: {sorted(self.models)}")
-        entry = self.models[model_id]
-        raw = deep_merge(self.model_dump(mode="json"), entry.overrides)
+    @property
+    def all_models(self) -> dict[str, ModelEntry]:
+        return {**self.models, **self.tuned_models}
+
+    def for_model(self, model_id: str, best_params: str | Path | None = None) -> "Params":
+        """The params one model trains with: (tuned models: the best params, then) its overrides, train.method set."""
+        if model_id not in self.all_models:
+            raise ConfigError(f"models.{model_id}: no such model; configured: {sorted(self.all_models)}")
+        raw = self.model_dump(mode="json")
+        if model_id in self.tuned_models:
+            path = Path(best_params or self.tune.best_params_file)
+            if not path.exists():
+                raise ConfigError(f"tuned_models.{model_id}: {path} not found; run the tune stage first "
+                                  f"(python -m pipelines.tune)")
+            raw = deep_merge(raw, yaml.safe_load(path.read_text()) or {})
+            entry, where = self.tuned_models[model_id], f"tuned_models.{model_id}"
+        else:
+            entry, where = self.models[model_id], f"models.{model_id}"
+        raw = deep_merge(raw, entry.overrides)
         raw["train"]["method"] = entry.method
-        return parse_params(raw, f"models.{model_id}.overrides")
+        return parse_params(raw, f"{where}.overrides")
 
     def method_params(self, key: str):
         return getattr(self, key)
@@ -303,13 +364,24 @@ def _check_methods(params: Params) -> list[str]:
     errors = []
     if params.train.method not in METHODS:
         errors.append(f"  train.method: got {params.train.method!r}; allowed values: {sorted(METHODS)}")
-    for mid, entry in params.models.items():
+    entries = [(f"models.{k}", e) for k, e in params.models.items()]
+    entries += [(f"tuned_models.{k}", e) for k, e in params.tuned_models.items()] + [("tune.base", params.tune.base)]
+    for where, entry in entries:
         if entry.method not in METHODS:
-            errors.append(f"  models.{mid}.method: got {entry.method!r}; allowed values: {sorted(METHODS)}")
+            errors.append(f"  {where}.method: got {entry.method!r}; allowed values: {sorted(METHODS)}")
             continue
         group = METHODS[entry.method].params_key or "train"
         if entry.group != group:
-            errors.append(f"  models.{mid}.group: method {entry.method!r} reads group {group!r}, got {entry.group!r}")
+            errors.append(f"  {where}.group: method {entry.method!r} reads group {group!r}, got {entry.group!r}")
+    for mid in sorted(set(params.models) & set(params.tuned_models)):
+        errors.append(f"  tuned_models.{mid}: the id is also in models; ids must be unique")
+    groups = {params.tune.base.group, "train"}
+    for key in params.tune.space:
+        group, _, field = key.partition(".")
+        model = getattr(params, group, None) if group in groups else None
+        if model is None or field not in type(model).model_fields:
+            errors.append(f"  tune.space.{key}: not a key of the searched groups {sorted(groups)} "
+                          f"(write <group>.<key>, e.g. crmt.rho)")
     return errors
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from mmrobust.attacks import evaluate_attacks
 from mmrobust.config import EvaluateCfg, Params, parse_params
 from mmrobust.data.dataset import AVDataset
-from mmrobust.methods import build_method
+from mmrobust.methods import Predictor, build_method
 from mmrobust.models import ModelSpec, build_model
 from mmrobust.progress import progress
 
@@ -76,21 +76,6 @@ def attack_grid(cfg: EvaluateCfg, modalities: list[str], joint_curve: bool = Tru
     if cfg.mea_eps > 0:
         add(_spec("mea", "all", cfg.mea_eps, eps=cfg.mea_eps, steps=cfg.mea_steps))
     return list(specs.values())
-
-
-class Predictor(nn.Module):
-    """The method's own test-time prediction as a model the attacks can differentiate through."""
-
-    def __init__(self, model: nn.Module, method):
-        super().__init__()
-        self.model, self.method = model, method
-        self.modalities = model.modalities
-
-    def forward(self, inputs):
-        return self.method.predict(self.model, inputs)
-
-    def encode(self, inputs):
-        return self.model.encode(inputs)
 
 
 def load_trained(path: str | Path, device: str = "cpu") -> tuple[Predictor, Params, dict]:
@@ -181,7 +166,7 @@ def evaluate_all(params: Params, models_dir: str | Path = "models", cache_dir: s
     from mmrobust.io import atomic_dir, write_csv, write_json
 
     cfg = params.evaluate
-    ids = cfg.models if cfg.models is not None else list(params.models)
+    ids = cfg.models if cfg.models is not None else list(params.all_models)
     missing = [m for m in ids if not (Path(models_dir) / m / "model.pt").exists()]
     if missing:
         raise FileNotFoundError(f"no trained model for {missing} under {models_dir}/ (run the train stages first)")

@@ -109,3 +109,14 @@ def tracking_server(backend_uri: str, artifacts: str | Path, host: str = "127.0.
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@contextmanager
+def concurrent_writers(uri: str, artifacts: str | Path) -> Iterator[str]:
+    """A URI that many processes may write to at once: an SQLite store is fronted by a local `mlflow server`
+    for the duration (SQLite alone would hit "database is locked"); any other URI is used as it is."""
+    if not uri.startswith("sqlite:"):
+        yield uri
+        return
+    with tracking_server(uri, artifacts) as server_uri:
+        yield server_uri

@@ -239,6 +239,20 @@ class Trainer:
         res.update({f"acc_{m}": c / max(n, 1) for m, c in uni.items()})
         return res
 
+    def robust_accuracy(self, split: str, eps: float, steps: int, step_ratio: float) -> float:
+        """Accuracy of the method's own prediction under joint l2-PGD (the tuning objective, on `val`)."""
+        from mmrobust.attacks import accuracy_under_attack
+        from mmrobust.methods import Predictor
+
+        if split == "val" and not len(self.data.val):
+            split = "train_eval"
+        was = self.model.training
+        predictor = Predictor(self.model, self.method).eval()
+        correct, n = accuracy_under_attack(predictor, self.batches(split), "pgd",
+                                           dict(eps=eps, steps=steps, step_size=eps * step_ratio))
+        self.model.train(was)
+        return correct / max(n, 1)
+
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, epoch: int) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict() if self.opt else None,

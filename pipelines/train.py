@@ -34,6 +34,7 @@ def absolute_paths(params: Params, base: Path) -> Params:
     p.data.out_dir = str((base / p.data.out_dir).resolve())
     p.extract.out_dir = str((base / p.extract.out_dir).resolve())
     p.train.storage_dir = str((base / p.train.storage_dir).resolve())
+    p.tune.out_dir = str((base / p.tune.out_dir).resolve())
     p.train.model.pretrained = {m: str((base / f).resolve()) for m, f in p.train.model.pretrained.items()}
     return p
 
@@ -55,6 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
             start = trainer.load_state_dict(torch.load(Path(d) / CKPT, weights_only=False))
         print(f"[{config['method']}] rank {rank}: resumed from epoch {start}", flush=True)
     mlflow = tracking.client(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
+    objective = config.get("objective")  # {eps, steps, step_ratio}: report val_pgd_acc each epoch (tuning)
     fail_at = config.get("fail_at_epoch")
     marker = Path(config["fault_marker"]) if config.get("fault_marker") else None
     t0 = time.perf_counter()
@@ -68,8 +70,12 @@ def train_loop_per_worker(config: dict) -> None:
         final = epoch == trainer.epochs - 1
         if final:
             trainer.model.load_state_dict(trainer.final_model().state_dict())
-            metrics.update({f"test_{k}": v for k, v in trainer.evaluate("test").items()})
+            if not objective:  # a tuning trial never looks at the test split
+                metrics.update({f"test_{k}": v for k, v in trainer.evaluate("test").items()})
             metrics["best_epoch"] = trainer.best["epoch"] if trainer.best else epoch
+        if objective and rank == 0:
+            metrics["val_pgd_acc"] = trainer.robust_accuracy("val", **objective)
+        metrics["epochs_total"] = trainer.epochs
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if mlflow is not None:
             tracking.log_metrics(mlflow, config["run_id"], numeric, step=epoch)
@@ -77,7 +83,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[{trainer.method.name}] epoch {epoch + 1}/{trainer.epochs} ({metrics['phase']}) "
                   f"loss {metrics.get('train_loss', float('nan')):.4f} val acc {metrics['val_acc']:.3f} "
-                  f"({metrics['samples_per_s']:.0f} samples/s, ETA {eta:.0f} s)", flush=True)
+                  + (f" val pgd acc {metrics['val_pgd_acc']:.3f}" if objective else "")
+                  + f" ({metrics['samples_per_s']:.0f} samples/s, ETA {eta:.0f} s)", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -94,12 +101,31 @@ def run_name(method: str, params: Params) -> str:
     return f"{method}-{digest}"
 
 
+def torch_trainer(params: Params, name: str, loop_config: dict, storage_dir: str | None = None,
+                  callbacks: list | None = None):
+    """The TorchTrainer of one run: ScalingConfig and failure handling from `params.train` (only params differ
+    between this machine and a GPU cluster)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = params.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"params": params.model_dump(mode="json"), **loop_config},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_dir or cfg.storage_dir,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       callbacks=callbacks or None,
+                                       # per-report INFO lines would drown the epoch progress lines
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+
+
 def train_method(params: Params, method: str, out_dir: str | Path, base: Path = Path("."),
                  fail_at_epoch: int | None = None, model_id: str | None = None, log=print) -> dict:
     import shutil
-
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     params = absolute_paths(params, base)
     cfg = params.train
@@ -119,19 +145,9 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
         tracking.log_params(c, run_id, tracking.flatten(params.model_dump(mode="json")))
         with atomic_file(run_file) as fh:
             json.dump({"run_id": run_id}, fh)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"params": params.model_dump(mode="json"), "method": method, "run_id": run_id,
-                           "tracking_uri": uri, "fail_at_epoch": fail_at_epoch,
-                           "fault_marker": str(Path(cfg.storage_dir) / name / ".fault_injected")},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=name, storage_path=cfg.storage_dir,
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                                       # per-report INFO lines would drown the epoch progress lines
-                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-    )
+    trainer = torch_trainer(params, name, {"method": method, "run_id": run_id, "tracking_uri": uri,
+                                           "fail_at_epoch": fail_at_epoch,
+                                           "fault_marker": str(Path(cfg.storage_dir) / name / ".fault_injected")})
     t0 = time.perf_counter()
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:

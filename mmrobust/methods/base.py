@@ -91,6 +91,21 @@ class Method:
         return model(inputs).logits
 
 
+class Predictor(nn.Module):
+    """The method's own test-time prediction as a model the attacks can differentiate through."""
+
+    def __init__(self, model: nn.Module, method):
+        super().__init__()
+        self.model, self.method = model, method
+        self.modalities = model.modalities
+
+    def forward(self, inputs):
+        return self.method.predict(self.model, inputs)
+
+    def encode(self, inputs):
+        return self.model.encode(inputs)
+
+
 METHODS: dict[str, type[Method]] = {}
 
 

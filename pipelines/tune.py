@@ -1,0 +1,200 @@
+"""Ray Tune entrypoint: ASHA search over a method's params (default: CRMT's rho, iterations and step-2
+settings), each trial a Ray Train `TorchTrainer` run scored by joint l2-PGD accuracy on the validation split.
+
+    python -m pipelines.tune [--params params.yaml]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.tune --params /shared/params.yaml
+
+Writes `<tune.out_dir>/best_params.yaml` (the best trial's values as params overrides, read by every
+`tuned_models` entry), `trials.csv` (one row per trial) and `summary.json`. MLflow: one parent run with a
+child run per trial. Trials write concurrently, so unless MLFLOW_TRACKING_URI names a server, a local
+`mlflow server` on 127.0.0.1 fronts the SQLite store for the duration of the search.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from mmrobust import tracking
+from mmrobust.config import ConfigError, Params, SearchDim, deep_merge, load_params, parse_params
+from mmrobust.io import atomic_file, write_csv, write_json
+from mmrobust.ray_utils import ray_session
+from pipelines.train import absolute_paths, torch_trainer
+
+METRIC = "val_pgd_acc"
+
+
+def nest(flat: dict) -> dict:
+    """{"crmt.rho": 2.0} -> {"crmt": {"rho": 2.0}} (the shape of params overrides)."""
+    out: dict = {}
+    for key, value in flat.items():
+        group, _, field = key.partition(".")
+        out.setdefault(group, {})[field] = value
+    return out
+
+
+def search_space(space: dict[str, SearchDim]) -> dict:
+    from ray import tune
+
+    def dim(d: SearchDim):
+        if d.dist == "choice":
+            return tune.choice(d.values)
+        if d.dist == "randint":
+            return tune.randint(int(d.low), int(d.high))
+        return (tune.loguniform if d.dist == "loguniform" else tune.uniform)(d.low, d.high)
+
+    return {key: dim(d) for key, d in space.items()}
+
+
+def trial_params(base: Params, sample: dict) -> Params:
+    """The params one trial trains with: tune.base's overrides, the sampled values, the trial's worker CPUs."""
+    entry = base.tune.base
+    raw = deep_merge(deep_merge(base.model_dump(mode="json"), entry.overrides), nest(sample))
+    raw["train"]["method"] = entry.method
+    if base.tune.worker_cpus is not None:
+        raw["train"]["cpus_per_worker"] = base.tune.worker_cpus
+    return parse_params(raw, "tune trial")
+
+
+def run_trial(sample: dict, base: dict, tracking_uri: str, parent_run: str, experiment: str) -> None:
+    """One Tune trial: a child MLflow run, then a TorchTrainer whose per-epoch reports reach Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    params = trial_params(parse_params(base, "tune base"), sample)
+    trial_id = ray.tune.get_context().get_trial_id()
+    c = tracking.client(tracking_uri)
+    run = c.create_run(experiment, run_name=f"trial-{trial_id}",
+                       tags={"mlflow.parentRunId": parent_run, "tune_trial": trial_id, "method": params.train.method})
+    tracking.log_params(c, run.info.run_id, {**tracking.flatten(params.model_dump(mode="json")),
+                                             **{f"tune.sample.{k}": str(v) for k, v in sample.items()}})
+    cfg = params.tune
+    trainer = torch_trainer(
+        params, f"trial-{trial_id}",
+        {"method": params.train.method, "run_id": run.info.run_id, "tracking_uri": tracking_uri,
+         "objective": {"eps": cfg.eps, "steps": cfg.pgd_steps, "step_ratio": cfg.pgd_step_ratio}},
+        storage_dir=str(Path(ray.tune.get_context().get_trial_dir()) / "train"), callbacks=[TuneReportCallback()])
+    trainer.fit()
+    c.set_terminated(run.info.run_id)
+
+
+def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
+    """Run the search; write best_params.yaml, trials.csv, summary.json; return the summary."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    params = absolute_paths(params, base)
+    cfg = params.tune
+    out = Path(cfg.out_dir)
+    digest = hashlib.sha1(params.model_dump_json().encode()).hexdigest()[:10]
+    name = f"tune-{cfg.base.method}-{digest}"
+    storage = Path(params.train.storage_dir)
+    shutil.rmtree(storage / name, ignore_errors=True)  # an interrupted search starts over (trials are short)
+    uri = tracking.resolve_uri(params.tracking.uri, base)
+    experiment = tracking.experiment_id(uri, params.tracking.experiment)  # created on the store: local artifacts
+    t0 = time.perf_counter()
+    with tracking.concurrent_writers(uri, base / "mlartifacts") as server_uri:
+        c = tracking.client(server_uri)
+        parent = c.create_run(experiment, run_name=f"tune-{cfg.base.method}",
+                              tags={"method": cfg.base.method, "dataset": params.data.dataset, "tune": "asha"})
+        parent_id = parent.info.run_id
+        tracking.log_params(c, parent_id, {
+            **{f"tune.{k}": str(v) for k, v in cfg.model_dump(mode="json").items() if k not in ("space", "base")},
+            **{f"tune.space.{k}": d.model_dump_json(exclude_none=True) for k, d in cfg.space.items()},
+            "tune.base.method": cfg.base.method})
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=params.model_dump(mode="json"), tracking_uri=server_uri,
+                                 parent_run=parent_id, experiment=experiment),
+            {"CPU": cfg.trial_cpus})
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg.space),
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent,
+                search_alg=BasicVariantGenerator(random_state=cfg.seed),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=10_000, grace_period=cfg.grace_period,
+                                        reduction_factor=cfg.reduction_factor)),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
+        )
+        log(f"[tune] {cfg.num_samples} trials of {cfg.base.method} (ASHA, {cfg.max_concurrent} at a time), "
+            f"objective {METRIC} (l2-PGD eps {cfg.eps} on the validation split); MLflow parent run {parent_id}")
+        grid = tuner.fit()
+        rows = trial_rows(grid, c, parent_id, list(cfg.space))
+        ok = [r for r in rows if r[METRIC] is not None]
+        if not ok:
+            errors = "; ".join(f"{r['trial_id']}: {r['error']}" for r in rows)
+            c.set_terminated(parent_id, "FAILED")
+            raise RuntimeError(f"tune: no trial reported {METRIC} ({errors})")
+        best = max(ok, key=lambda r: (r[METRIC], r["epochs"], -rows.index(r)))
+        best_values = {k: best[k] for k in cfg.space}
+        summary = {"best_trial": best["trial_id"], METRIC: best[METRIC], "best": best_values,
+                   "trials": len(rows), "completed": sum(r["status"] == "completed" for r in rows),
+                   "stopped_early": sum(r["status"] == "stopped" for r in rows),
+                   "failed": sum(r["status"] == "failed" for r in rows), "mlflow_parent_run": parent_id,
+                   "tracking_uri": uri, "wall_seconds": round(time.perf_counter() - t0, 1)}
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out / "best_params.yaml") as fh:
+            fh.write(f"# best of {len(rows)} ASHA trials of {cfg.base.method} by {METRIC} "
+                     f"(trial {best['trial_id']}); written by pipelines/tune.py\n")
+            yaml.safe_dump(nest(best_values), fh, sort_keys=True)
+        write_csv(out / "trials.csv", rows, ["trial_id", "status", "epochs", "epochs_total", METRIC, "val_acc",
+                                              *cfg.space, "mlflow_run", "error"])
+        write_json(out / "summary.json", summary)
+        tracking.log_params(c, parent_id, {f"best.{k}": str(v) for k, v in best_values.items()})
+        tracking.log_metrics(c, parent_id, {f"best_{METRIC}": best[METRIC], "trials_completed": summary["completed"],
+                                            "trials_stopped_early": summary["stopped_early"]})
+        for f in ("best_params.yaml", "trials.csv", "summary.json"):
+            c.log_artifact(parent_id, str(out / f))
+        c.set_terminated(parent_id)
+    shutil.rmtree(storage / name, ignore_errors=True)  # finished: results are in out_dir and MLflow
+    log(f"[tune] best {METRIC} {best[METRIC]:.3f} with {best_values} ({summary['completed']} completed, "
+        f"{summary['stopped_early']} stopped by ASHA, {summary['failed']} failed; {summary['wall_seconds']:.0f} s) "
+        f"-> {out / 'best_params.yaml'}; MLflow parent run {parent_id} at {uri}")
+    return summary
+
+
+def trial_rows(grid, c, parent_id: str, keys: list[str]) -> list[dict]:
+    """One row per trial; child runs of trials that ASHA stopped (or that failed) are closed as KILLED/FAILED."""
+    children = {r.data.tags.get("tune_trial"): r for r in
+                c.search_runs([c.get_run(parent_id).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")}
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or Path(result.path).name
+        epochs, total = m.get("training_iteration", 0), m.get("epochs_total")
+        status = "failed" if result.error else ("completed" if total and epochs >= total else "stopped")
+        child = children.get(trial_id)
+        if child is not None and child.info.status == "RUNNING":
+            c.set_tag(child.info.run_id, "tune_status", status)
+            c.set_terminated(child.info.run_id, "FAILED" if status == "failed" else "KILLED")
+        rows.append({"trial_id": trial_id, "status": status, "epochs": epochs, "epochs_total": total,
+                     METRIC: m.get(METRIC), "val_acc": m.get("val_acc"),
+                     **{k: result.config.get(k) for k in keys},
+                     "mlflow_run": child.info.run_id if child is not None else "",
+                     "error": str(result.error).splitlines()[0][:300] if result.error else ""})
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with ray_session():
+        tune_method(params, Path.cwd())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
