@@ -25,15 +25,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_head(num_cpus: int | None = None, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_head(num_cpus: int | None = None, timeout: float = 120.0, dashboard_port: int | None = None
+               ) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` in its own process group; with `dashboard_port`, also the dashboard and job
+    server on 127.0.0.1 (what `ray job submit --address http://127.0.0.1:<port>` talks to)."""
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     port = _free_port()
     tmp = Path(tempfile.gettempdir()) / "mmrobust-ray"
     tmp.mkdir(parents=True, exist_ok=True)
     ray = str(Path(sys.executable).with_name("ray"))
     cmd = [ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-           f"--num-cpus={num_cpus or os.cpu_count()}", "--include-dashboard=false", "--disable-usage-stats",
-           f"--temp-dir={tmp}"]
+           f"--num-cpus={num_cpus or os.cpu_count()}", "--disable-usage-stats", f"--temp-dir={tmp}"]
+    if dashboard_port:
+        cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    else:
+        cmd += ["--include-dashboard=false"]
     log = open(tmp / f"head-{port}.log", "wb")  # a file, not a pipe: a full pipe would block the head
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
@@ -41,9 +52,8 @@ def start_head(num_cpus: int | None = None, timeout: float = 120.0) -> tuple[sub
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start failed ({proc.returncode}); see {log.name}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, address
+        if all(_listening(p) for p in (port, dashboard_port) if p):
+            return proc, address
         time.sleep(0.5)
     stop_head(proc)
     raise TimeoutError(f"ray head on {address} did not come up in {timeout:.0f} s")

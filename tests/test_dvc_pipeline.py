@@ -25,10 +25,14 @@ TINY = {
                 "audio": {"preset": "cpu_fbank", "clip_s": 2.0, "frames": 100}},
     "train": {"epochs": 2, "batch_size": 8, "model": {"width": 2}},
     "crmt": {"step2_epochs": 1},
+    # a 2-trial search over JT's learning rate: the tune stage depends on `train`, not on `crmt`
+    "tune": {"base": {"method": "jt", "group": "train"}, "num_samples": 2, "grace_period": 1, "pgd_steps": 2,
+             "space": {"train.lr": {"dist": "loguniform", "low": 0.001, "high": 0.1}}},
     "evaluate": {"batch_size": 8, "joint_grid": [0.5], "uni_grid": [1.0], "mgn_sigma": [0.5], "mpm_p": [0.3],
                  "mea_steps": 2},
 }
 MODELS = {"jt": {"method": "jt", "group": "train"}, "crmt_jt": {"method": "crmt_jt", "group": "crmt"}}
+TUNED = {"jt_tuned": {"method": "jt", "group": "train"}}
 
 
 def _run(args, cwd, check=True):
@@ -61,7 +65,9 @@ def repo(tmp_path_factory):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     _set_params(repo, TINY)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["models"] = MODELS  # replace the default list
+    params["models"], params["tuned_models"] = MODELS, TUNED  # replace the default lists
+    del params["tune"]["space"]["crmt.rho"], params["tune"]["space"]["crmt.iterations"]
+    del params["tune"]["space"]["crmt.step2_epochs"], params["tune"]["space"]["crmt.step2_lr"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], repo)
@@ -79,7 +85,8 @@ DATA_STAGES = {"generate", "ingest", "extract-frames@visual", "extract-audio@aud
 
 def test_repro_outputs_noop_and_partial_rerun(repo):
     first = _repro(repo)
-    assert _ran(first.stdout) == DATA_STAGES | {"train@jt", "train@crmt_jt", "evaluate"}, first.stdout
+    assert _ran(first.stdout) == DATA_STAGES | {"train@jt", "train@crmt_jt", "tune", "train-tuned@jt_tuned",
+                                                "evaluate"}, first.stdout
     visual = np.load(repo / "data/features/visual/data.npy", mmap_mode="r")
     audio = np.load(repo / "data/features/audio/data.npy", mmap_mode="r")
     clips = read_csv(repo / "data/manifest/clips.csv")
@@ -87,17 +94,24 @@ def test_repro_outputs_noop_and_partial_rerun(repo):
     assert {c["split"] for c in clips} == {"train", "val", "test"} and len(clips) == 15
     assert read_csv(repo / "data/features/visual/rejected.csv") == []
     # training and evaluation outputs: models, tables, figures, metrics, and the runs in MLflow
-    for m in MODELS:
+    for m in [*MODELS, *TUNED]:
         assert (repo / "models" / m / "model.pt").exists()
+    best = yaml.safe_load((repo / "tune/best_params.yaml").read_text())
+    assert 0.001 <= best["train"]["lr"] <= 0.1
+    import torch
+    tuned = torch.load(repo / "models/jt_tuned/model.pt", weights_only=False)
+    assert tuned["config"]["train"]["lr"] == best["train"]["lr"]  # the tuned model trained with the best params
     t1 = (repo / "results/tables/T1.md").read_text()
     assert "| jt |" in t1 and "| crmt_jt |" in t1
     metrics = json.loads((repo / "results/metrics.json").read_text())
-    assert set(metrics) == set(MODELS) and all(0 <= v["pgd"] <= v["clean"] for v in metrics.values())
+    assert set(metrics) == set(MODELS) | set(TUNED) and all(0 <= v["pgd"] <= v["clean"] for v in metrics.values())
     assert (repo / "results/figures/F5.png").stat().st_size > 1000 and (repo / "results/README.md").exists()
     import mlflow
     runs = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"])
-    assert {r.info.run_name for r in runs} == set(MODELS)
-    assert all("eval_clean" in r.data.metrics for r in runs)
+    trained = [r for r in runs if "tune_trial" not in r.data.tags and "tune" not in r.data.tags]
+    assert {r.info.run_name for r in trained} == set(MODELS) | set(TUNED)
+    assert all("eval_clean" in r.data.metrics for r in trained)
+    assert sum("tune_trial" in r.data.tags for r in runs) == 2  # the search's child runs
 
     second = _repro(repo)
     assert _ran(second.stdout) == set(), second.stdout
