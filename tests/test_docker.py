@@ -39,3 +39,37 @@ def test_kuberay_recipe_shares_storage_and_tracking():
         g["template"]["spec"] for g in job["rayClusterSpec"]["workerGroupSpecs"]]
     assert all(p["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim for p in pods)
     assert any("nvidia.com/gpu" in c["resources"]["limits"] for p in pods for c in p["containers"])
+
+
+def _pins(text: str) -> dict[str, str]:
+    import re
+    pins = {}
+    for line in text.splitlines():
+        m = re.match(r"^\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s#;]+)", line)
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+def test_image_requirements_resolve_to_the_pins(tmp_path):
+    """Both images install torch==<pin> from PyTorch's index, then requirements.txt: resolve that file from
+    scratch (as pip in a bare Python 3.11 image would) and check every pin lands at its version."""
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--disable-pip-version-check", "--report", str(report), "-r", str(ROOT / "requirements.txt")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    resolved = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}
+    pins = _pins((ROOT / "requirements.txt").read_text())
+    assert len(pins) >= 15
+    for name, version in pins.items():
+        assert resolved.get(name, "").split("+")[0] == version, (name, version, resolved.get(name))
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        text = (ROOT / "docker" / name).read_text()
+        assert f"torch=={pins['torch']}" in text  # the image's torch wheel is the pinned version
+        for line in text.splitlines():  # everything the image copies exists in the repo
+            if line.startswith("COPY "):
+                for src in line.split()[1:-1]:
+                    assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist"
