@@ -29,6 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=["jt", "crmt_jt"])
+    ap.add_argument("--loader-workers", type=int, nargs="+", default=None,
+                    help="DataLoader worker processes per trainer to compare (default: train.loader_workers)")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = ap.parse_args()
     base = load_params(args.params)
@@ -37,34 +39,37 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="bench-train-"))
     rows = []
     with ray_session(log=lambda *_: None):
-        for method in args.methods:
-            for workers in (1, 2):
-                params = base.model_copy(deep=True)
-                params.train.epochs = args.epochs
-                params.train.num_workers = workers
-                params.train.cpus_per_worker = 1.0 if workers == 1 else 0.5
-                params.train.storage_dir = str(out / "ray")
-                params.tracking.uri = f"sqlite:///{out / 'mlflow.db'}"
-                if method.startswith("crmt"):
-                    params.crmt.step2_epochs = 1
-                t0 = time.perf_counter()
-                train_method(params, method, out / f"{method}-{workers}", ROOT, log=lambda *_: None)
-                wall = time.perf_counter() - t0
-                hist = torch.load(out / f"{method}-{workers}" / "model.pt", weights_only=False)["history"]
-                train_hist = [h for h in hist if not h["phase"].startswith("step2")]
-                in_epochs = sum(h["epoch_seconds"] for h in hist)
-                rows.append(dict(method=method, workers=workers, wall=wall,
-                                 sps=statistics.median(h["samples_per_s"] for h in train_hist) * workers,
-                                 wait=statistics.median(h["data_wait_share"] for h in train_hist),
-                                 overhead=wall - in_epochs))
-                r = rows[-1]
-                print(f"{method:8s} {workers} worker(s): {r['sps']:7.1f} samples/s (all workers), data wait "
-                      f"{100 * r['wait']:4.1f}% of step time, wall {wall:5.1f} s, Ray/stage overhead "
-                      f"{r['overhead']:5.1f} s", flush=True)
-    for method in args.methods:
-        one, two = (next(r for r in rows if r["method"] == method and r["workers"] == w) for w in (1, 2))
-        print(f"{method}: 2 workers / 1 worker throughput = {two['sps'] / one['sps']:.2f}x on {torch.get_num_threads()}"
-              f"-thread CPUs")
+        for method, loaders, workers in [(m, lw, w) for m in args.methods
+                                     for lw in (args.loader_workers or [base.train.loader_workers]) for w in (1, 2)]:
+            params = base.model_copy(deep=True)
+            params.train.loader_workers = loaders
+            params.train.epochs = args.epochs
+            params.train.num_workers = workers
+            params.train.cpus_per_worker = 1.0 if workers == 1 else 0.5
+            params.train.storage_dir = str(out / "ray")
+            params.tracking.uri = f"sqlite:///{out / 'mlflow.db'}"
+            if method.startswith("crmt"):
+                params.crmt.step2_epochs = 1
+            t0 = time.perf_counter()
+            run_dir = out / f"{method}-{workers}-{loaders}"
+            train_method(params, method, run_dir, ROOT, log=lambda *_: None)
+            wall = time.perf_counter() - t0
+            hist = torch.load(run_dir / "model.pt", weights_only=False)["history"]
+            train_hist = [h for h in hist if not h["phase"].startswith("step2")]
+            in_epochs = sum(h["epoch_seconds"] for h in hist)
+            rows.append(dict(method=method, workers=workers, loaders=loaders, wall=wall,
+                             sps=statistics.median(h["samples_per_s"] for h in train_hist) * workers,
+                             wait=statistics.median(h["data_wait_share"] for h in train_hist),
+                             overhead=wall - in_epochs))
+            r = rows[-1]
+            print(f"{method:8s} {workers} worker(s), {loaders} loader worker(s): {r['sps']:7.1f} samples/s (all workers), data wait "
+                  f"{100 * r['wait']:4.1f}% of step time, wall {wall:5.1f} s, Ray/stage overhead "
+                  f"{r['overhead']:5.1f} s", flush=True)
+    for method, loaders in sorted({(r["method"], r["loaders"]) for r in rows}):
+        one, two = (next(r for r in rows if (r["method"], r["loaders"], r["workers"]) == (method, loaders, w))
+                    for w in (1, 2))
+        print(f"{method} ({loaders} loader workers): 2 workers / 1 worker throughput = {two['sps'] / one['sps']:.2f}x "
+              f"on {torch.get_num_threads()}-thread CPUs")
     print(f"max data-wait share {100 * max(r['wait'] for r in rows):.1f}% (target < 10%)")
 
 

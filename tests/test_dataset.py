@@ -77,9 +77,13 @@ def test_train_items_reproducible_and_augmented(features):
 
 def test_flip_negates_flow_u(features):
     ds = AVDataset(features, "train", ["flow"], train=False)
-    x = torch.from_numpy(np.load(features / "flow" / "data.npy")[0, :3]).permute(0, 3, 1, 2).float()
-    plain = ds._to_model_space("flow", x.clone(), None, False)
-    flipped = ds._to_model_space("flow", x.clone(), None, True)
+    x = np.load(features / "flow" / "data.npy")[0, :3]  # (T, H, W, 2) uint8
+    plain = ds._to_model_space("flow", x, None, False)
+    flipped = ds._to_model_space("flow", x, None, True)
+    # a crop resized back up (OpenCV path) flips the same way
+    crop_plain = ds._to_model_space("flow", x, (2, 3, 20, 17), False)
+    crop_flip = ds._to_model_space("flow", x, (2, 3, 20, 17), True)
+    torch.testing.assert_close(crop_flip[:, 1], crop_plain[:, 1].flip(-1), atol=1e-4, rtol=0)
     # u in pixels: code/255 * 30 - 15 ; after flip u(x) = -u(W-1-x), v(x) = v(W-1-x)
     to_u = lambda t: (t * 0.3081 + 0.1307) * 30 - 15
     torch.testing.assert_close(to_u(flipped[:, 0]), -to_u(plain[:, 0]).flip(-1), atol=1e-4, rtol=0)
