@@ -248,7 +248,7 @@ class TuneCfg(_Strict):
     """ASHA search; every trial is a TorchTrainer run of `base`, scored by l2-PGD accuracy on the validation split."""
     base: ModelEntry = ModelEntry(method="crmt_jt", group="crmt")
     space: dict[str, SearchDim] = {  # "<group>.<key>" of base.group or train -> distribution
-        "crmt.rho": SearchDim(dist="loguniform", low=0.5, high=8.0),
+        "crmt.rho": SearchDim(dist="loguniform", low=0.1, high=10.0),
         "crmt.iterations": SearchDim(dist="choice", values=[1, 2]),
         "crmt.step2_epochs": SearchDim(dist="choice", values=[2, 4]),
         "crmt.step2_lr": SearchDim(dist="loguniform", low=0.003, high=0.03)}
