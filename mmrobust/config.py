@@ -283,6 +283,8 @@ class EvaluateCfg(_Strict):
     # The radius grids cost most: only the models of the curve figures/tables get them.
     joint_grid_models: list[str] = ["jt", "ojt", "crmt_step1", "crmt_step2", "crmt_jt", "crmt_jt_it2", "crmt_jt_it4"]
     uni_grid_models: list[str] = ["jt", "mmat", "crmt_jt", "crmt_at"]
+    # Sound certified accuracy CA(r) on {0} + joint_grid (table CA beside l2-PGD at the same radii).
+    certify_models: list[str] = ["jt", "crmt_jt", "crmt_jt_it2", "crmt_jt_it4"]
     pgd_steps: int = Field(4, ge=1, le=1000)
     pgd_step_ratio: float = Field(1 / 3, gt=0, le=1, description="step size = ratio * eps (reference: eps/3)")
     pgd_restarts: int = Field(1, ge=1, le=100)

@@ -155,8 +155,41 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
     rows = [dict(base, attack="clean", modality="all", eps=0.0, accuracy=correct["clean"] / n)]
     rows += [dict(base, attack=s.attack, modality=s.modality, eps=s.eps, accuracy=correct[s.label] / n)
              for s in specs]
+    if model_id in cfg.certify_models:
+        rows += certified_rows(predictor, params, ckpt, loader, cfg, base, log)
     log(f"[{model_id}] {len(specs)} attacks x {n} samples in {time.perf_counter() - t0:.1f} s")
     return rows
+
+
+def certified_rows(predictor: Predictor, params: Params, ckpt: dict, loader: DataLoader, cfg: EvaluateCfg,
+                   base: dict, log=print) -> list[dict]:
+    """CA(r) on {0} + joint_grid from the sound certificate (encoder Lipschitz upper bounds), as tidy rows
+    with attack "certified"; late-fusion models whose prediction is the fused logits only."""
+    from mmrobust.analysis import certified_accuracy, certified_radii, model_lipschitz_bounds
+    from mmrobust.methods import Method
+
+    model = predictor.model
+    if params.train.model.fusion != "late" or type(predictor.method).predict is not Method.predict:
+        log(f"[{base['model']}] certified accuracy needs late fusion and a plain prediction; skipped")
+        return []
+    first = next(iter(loader))
+    lips = model_lipschitz_bounds(model, {m: tuple(first[m].shape[1:]) for m in ckpt["modalities"]})
+    radii = certified_radii(model, ({**{m: b[m] for m in ckpt["modalities"]}, "label": b["label"]} for b in loader),
+                            lips)
+    grid = [0.0, *cfg.joint_grid]
+    rows = [dict(base, attack="certified", modality="all", eps=r, accuracy=ca)
+            for r, ca in zip(grid, certified_accuracy(radii, grid))]
+    log(f"[{base['model']}] certified radius: median {float(radii.median()):.3g}, max {float(radii.max()):.3g} "
+        f"(encoder Lipschitz bounds {', '.join(f'{m} {v:.3g}' for m, v in lips.items())})")
+    return rows
+
+
+def model_arch(path: str | Path):
+    """The architecture (fusion, encoders, pretrained weights, modalities) a checkpoint was trained with."""
+    from mmrobust.tables import arch_of
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return arch_of(parse_params(ckpt["config"], f"{path}:config"), ckpt["modalities"])
 
 
 def evaluate_all(params: Params, models_dir: str | Path = "models", cache_dir: str | Path = ".cache/eval",
@@ -175,12 +208,13 @@ def evaluate_all(params: Params, models_dir: str | Path = "models", cache_dir: s
         log(f"[evaluate] model {i + 1}/{len(ids)}: {mid}")
         rows += evaluate_model(Path(models_dir) / mid / "model.pt", mid, cfg, cache_dir, log=log)
     methods = {mid: next(r["method"] for r in rows if r["model"] == mid) for mid in ids}
+    archs = {mid: model_arch(Path(models_dir) / mid / "model.pt") for mid in ids}
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Each output (a DVC out of its own) is built in a temp dir and moved into place in one rename.
     with atomic_dir(out / "tables") as tmp:
         written = [out / "tables" / p.name for p in
-                   tables.write_tables(rows, tmp, cfg.joint_eps, cfg.uni_eps, methods)]
+                   tables.write_tables(rows, tmp, cfg.joint_eps, cfg.uni_eps, methods, archs)]
     from mmrobust.analysis_figures import analysis_figures
 
     with atomic_dir(out / "figures") as tmp:

@@ -14,13 +14,49 @@ from mmrobust.io import atomic_file, save_png, write_csv
 
 ROW_FIELDS = ["dataset", "method", "model", "attack", "modality", "eps", "accuracy", "n"]
 ATTACK_NAMES = {"clean": "Clean", "fgm": "FGM", "pgd": "PGD", "missing": "Missing", "mgn": "MGN", "mpm": "MPM",
-                "mea": "MEA"}
+                "mea": "MEA", "certified": "CA"}
 
 # Paper order of the methods in each table (model ids of the default `models` params).
 T1_MODELS = ["jt", "gb", "ogm_ge", "pmr", "msefm", "mmat", "mixup", "crmt_jt", "crmt_at", "crmt_mix"]
 T10_MODELS = ["ume_mma", "rmtl", "crmt_jt"]
 F5_MODELS = ["jt", "ojt", "crmt_step1", "crmt_step2", "crmt_jt"]
 CURVE_MODELS = ["jt", "mmat", "crmt_jt", "crmt_at"]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What a model is built from, which decides the tables it belongs to (T1/T2/T7: the base architecture;
+    T3 MMT, T4 other backbones, T5 MMTM, T6 pretrained encoders, T8 three or more modalities)."""
+    fusion: str = "late"
+    encoders: tuple[tuple[str, str], ...] = ()  # (modality, encoder name)
+    pretrained: tuple[str, ...] = ()            # modalities with loaded weights
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m, _ in self.encoders)
+
+    def describe(self) -> str:
+        names = {e for _, e in self.encoders}
+        enc = (next(iter(names)) + " " + "+".join(m[0].upper() for m in self.modalities) if len(names) == 1
+               else " + ".join(f"{e} {m[0].upper()}" for m, e in self.encoders))
+        parts = [enc] + ([self.fusion.upper()] if self.fusion != "late" else [])
+        parts += [f"pretrained {'+'.join(m[0].upper() for m in self.pretrained)}"] if self.pretrained else ["scratch"]
+        return ", ".join(parts)
+
+
+def arch_of(params, modalities: list[str] | None = None) -> Arch:
+    """The Arch of a trained model from its params (mmrobust.config.Params) and modalities."""
+    cfg = params.train.model
+    mods = modalities or params.train.modalities or params.extract.modalities
+    enc = cfg.encoder if isinstance(cfg.encoder, dict) else {m: cfg.encoder for m in mods}
+    return Arch(cfg.fusion, tuple((m, enc.get(m, "?")) for m in mods), tuple(sorted(cfg.pretrained)))
+
+
+def base_arch(archs: dict[str, Arch]) -> Arch | None:
+    """The most common late-fusion, from-scratch architecture with a single encoder type (the T1 setting)."""
+    plain = [a for a in archs.values() if a.fusion == "late" and not a.pretrained
+             and len({e for _, e in a.encoders}) == 1]
+    return max(set(plain), key=lambda a: (plain.count(a), a.encoders)) if plain else None
 
 
 @dataclass
@@ -38,8 +74,10 @@ def _col(attack: str, modality: str = "all", eps: float | None = None, title: st
     return Column(name, match)
 
 
-def pivot(rows: list[dict], models: list[str], columns: list[Column]) -> tuple[list[str], list[list[str]], list[dict]]:
-    """Markdown header, body and the tidy rows used, for `models` (in order, where present) × `columns`."""
+def pivot(rows: list[dict], models: list[str], columns: list[Column], labels: dict[str, str] | None = None
+          ) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Markdown header, body and the tidy rows used, for `models` (in order, where present) × `columns`;
+    `labels` adds an architecture column."""
     present = [m for m in models if any(r["model"] == m for r in rows)]
     used, body = [], []
     for model in present:
@@ -49,8 +87,8 @@ def pivot(rows: list[dict], models: list[str], columns: list[Column]) -> tuple[l
             hits = [r for r in mine if col.match(r)]
             cells.append(f"{float(hits[0]['accuracy']):.3f}" if hits else "–")
             used += hits[:1]
-        body.append([model, *cells])
-    return ["model", *(c.title for c in columns)], body, used
+        body.append([model, *([labels.get(model, "")] if labels else []), *cells])
+    return ["model", *(["architecture"] if labels else []), *(c.title for c in columns)], body, used
 
 
 def markdown(title: str, header: list[str], body: list[list[str]], note: str = "") -> str:
@@ -76,30 +114,69 @@ def modalities_of(rows: list[dict]) -> list[str]:
     return sorted({r["modality"] for r in rows if r["modality"] != "all"})
 
 
-def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, models: dict[str, str]) -> list[Path]:
-    """All tables that the available models allow. `models` maps model id -> method."""
+def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, models: dict[str, str],
+                 archs: dict[str, Arch] | None = None) -> list[Path]:
+    """All tables that the available models allow. `models` maps model id -> method, `archs` model id -> Arch
+    (without it every model counts as the base architecture)."""
     mods = modalities_of(rows)
+    archs = archs or {}
+    base = base_arch(archs)
+    in_base = [m for m in models if m not in archs or archs[m] == base]
+    main = [m for m in T1_MODELS if m in in_base] + _others({m: models[m] for m in in_base}, T1_MODELS)
     written = []
     t1 = [_col("clean"), _col("fgm", eps=joint_eps), _col("pgd", eps=joint_eps)]
     written.append(_write_table(out, "T1", f"clean / FGM / l2-PGD accuracy (joint, eps {joint_eps:g})",
-                                *pivot(rows, T1_MODELS + _others(models, T1_MODELS), t1)))
-    t2 = [_col("clean")] + [_col(a, m, uni_eps) for a in ("fgm", "pgd") for m in mods] + [
-        _col("missing", m, 0.0, f"Missing #{m[0]}") for m in mods]
+                                *pivot(rows, main, t1)))
+    uni = [_col(a, m, uni_eps) for a in ("fgm", "pgd") for m in mods]
+    missing = [_col("missing", m, 0.0, f"Missing #{m[0]}") for m in mods]
     written.append(_write_table(out, "T2", f"uni-modal attacks (eps {uni_eps:g}) and missing modalities",
-                                *pivot(rows, T1_MODELS + _others(models, T1_MODELS), t2)))
+                                *pivot(rows, main, [_col("clean")] + uni + missing)))
     noise = sorted({(r["attack"], float(r["eps"])) for r in rows if r["attack"] in ("mgn", "mpm", "mea")})
     t7 = [_col("clean")] + [_col(a, eps=e) for a, e in noise]
     written.append(_write_table(out, "T7", "multimodal Gaussian noise (MGN, sigma), pixel masking (MPM, p) and "
-                                "embedding attack (MEA, eps)", *pivot(rows, T1_MODELS + _others(models, T1_MODELS), t7)))
-    t10 = t1 + [_col("missing", m, 0.0, f"Missing #{m[0]}") for m in mods]
+                                "embedding attack (MEA, eps)", *pivot(rows, main, t7)))
+    written += _architecture_tables(rows, out, models, archs, base, t1, uni, missing, mods, uni_eps)
+    t10 = t1 + missing
     written.append(_write_table(out, "T10", "uni-modal ensemble / multi-task baselines vs CRMT-JT",
-                                *pivot(rows, T10_MODELS, t10)))
-    iters = [m for m, method in models.items() if method == "crmt_jt"]
+                                *pivot(rows, [m for m in T10_MODELS if m in in_base], t10)))
+    iters = [m for m, method in models.items() if method == "crmt_jt" and m in in_base]
     grid = sorted({float(r["eps"]) for r in rows if r["attack"] == "fgm" and r["modality"] == "all"})
     t11 = [_col("clean", title="0")] + [_col("fgm", eps=e, title=f"{e:g}") for e in grid]
     written.append(_write_table(out, "T11", "CRMT iterations vs joint FGM attack size", *pivot(rows, iters, t11),
                                 note="Columns: joint FGM radius (0 = clean)."))
+    certified = [m for m in models if any(r["model"] == m and r["attack"] == "certified" for r in rows)]
+    radii = sorted({float(r["eps"]) for r in rows if r["attack"] == "certified"})
+    ca = [c for e in radii for c in (_col("certified", eps=e, title=f"CA {e:g}"),
+                                     _col("clean" if e == 0 else "pgd", eps=None if e == 0 else e,
+                                          title=f"{'clean' if e == 0 else 'PGD'} {e:g}"))]
+    written.append(_write_table(out, "CA", "sound certified accuracy CA(r) beside l2-PGD accuracy at the same radius",
+                                *pivot(rows, certified, ca),
+                                note="CA(r): share of test samples whose certified l2 radius (encoder Lipschitz upper "
+                                     "bounds) exceeds r; it can never exceed the accuracy under any attack of size r."))
     return [p for p in written if p is not None]
+
+
+def _architecture_tables(rows, out, models, archs, base, t1, uni, missing, mods, uni_eps) -> list[Path | None]:
+    """T3 (MMT), T4 (other backbones), T5 (MMTM), T6 (pretrained), T8 (three or more modalities), each listing
+    the models whose params put them there, JT-style before CRMT within a table."""
+    labels = {m: a.describe() for m, a in archs.items()}
+
+    def pick(test) -> list[str]:
+        chosen = [m for m in models if m in archs and test(archs[m])]
+        return sorted(chosen, key=lambda m: (archs[m].describe(), models[m].startswith("crmt"), m))
+
+    other_backbone = (lambda a: a.fusion == "late" and not a.pretrained and base is not None
+                      and a.encoders != base.encoders and a.modalities == base.modalities)
+    t3 = [*t1, *uni]
+    specs = [("T3", "MMT (intermediate-fusion transformer) vs CRMT-MMT, joint and uni-modal attacks "
+              f"(uni-modal eps {uni_eps:g})", pick(lambda a: a.fusion == "mmt"), t3),
+             ("T4", "backbones: JT vs CRMT-JT with other encoders", pick(other_backbone), [t1[0], *missing, *t1[1:]]),
+             ("T5", "MMTM (intermediate fusion) vs CRMT-MMTM", pick(lambda a: a.fusion == "mmtm"), t3),
+             ("T6", "pretrained encoders: baseline vs CRMT", pick(lambda a: bool(a.pretrained)), t3),
+             ("T8", "three or more modalities (e.g. UCF101 RGB + flow + frame difference), from scratch and "
+              "pretrained", pick(lambda a: len(a.modalities) >= 3),
+              [*t1, *[c for c in uni if c.title.startswith("PGD")], *missing])]
+    return [_write_table(out, tid, title, *pivot(rows, chosen, cols, labels)) for tid, title, chosen, cols in specs]
 
 
 def _others(models: dict[str, str], listed: list[str]) -> list[str]:

@@ -7,11 +7,13 @@ import torch
 from helpers import tiny_project
 from mmrobust.config import EvaluateCfg
 from mmrobust.evaluation import attack_grid, evaluate_model, headline_metrics, load_trained
-from mmrobust.tables import markdown, pivot, write_tables, _col
+from mmrobust.config import parse_params
+from mmrobust.tables import Arch, arch_of, markdown, pivot, write_tables, _col
 from mmrobust.train import fit
 
 CFG = EvaluateCfg(batch_size=2, joint_grid=[0.5, 1.0], uni_grid=[1.0], mgn_sigma=[0.5], mpm_p=[0.3],
-                  mea_eps=0.5, mea_steps=2, joint_grid_models=["m", "crmt_jt"], uni_grid_models=["m"])
+                  mea_eps=0.5, mea_steps=2, joint_grid_models=["m", "crmt_jt"], uni_grid_models=["m"],
+                  certify_models=["m"])
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,12 @@ def test_attacks_never_beat_clean_and_grow_with_eps(trained, tmp_path):
     assert {r["modality"] for r in rows} == {"all", "audio", "visual"}
     metrics = headline_metrics(rows, CFG)["m"]
     assert set(metrics) >= {"clean", "fgm", "pgd", "pgd_audio", "pgd_visual", "missing_audio"}
+    # the sound certificate: CA(0) <= clean, CA(r) <= accuracy under every attack of size r, non-increasing
+    ca = [(r["eps"], r["accuracy"]) for r in rows if r["attack"] == "certified"]
+    assert [e for e, _ in ca] == [0.0, 0.5, 1.0]
+    assert ca[0][1] <= clean and all(a >= b for (_, a), (_, b) in zip(ca, ca[1:]))
+    for eps, value in ca[1:]:
+        assert value <= min(acc[(a, "all", eps)] for a in ("fgm", "pgd") if (a, "all", eps) in acc)
 
 
 def test_evaluation_resumes_after_interruption(trained, tmp_path):
@@ -105,3 +113,59 @@ def test_pivot_marks_missing_measurements():
     header, body, used = pivot(FIXTURE[:1], ["jt"], [_col("clean"), _col("mea", eps=0.5)])
     assert body == [["jt", "0.800", "–"]] and len(used) == 1
     assert markdown("x", header, body).splitlines()[3] == "|---|---|---|"
+
+
+def _rows(model, method, base, mods=("audio", "visual")):
+    out = [dict(dataset="d", method=method, model=model, attack="clean", modality="all", eps=0.0, accuracy=base, n=10)]
+    out += [dict(dataset="d", method=method, model=model, attack=a, modality="all", eps=0.5, accuracy=base - d, n=10)
+            for a, d in (("fgm", 0.2), ("pgd", 0.3))]
+    out += [dict(dataset="d", method=method, model=model, attack=a, modality=m, eps=e, accuracy=base - 0.1, n=10)
+            for m in mods for a, e in (("pgd", 1.0), ("fgm", 1.0), ("missing", 0.0))]
+    return out
+
+
+def test_architecture_tables_select_models_by_their_params(tmp_path):
+    r18 = (("audio", "resnet18"), ("visual", "resnet18"))
+    archs = {"jt": Arch("late", r18), "crmt_jt": Arch("late", r18), "jt_mmt": Arch("mmt", r18),
+             "crmt_mmt": Arch("mmt", r18), "jt_mmtm": Arch("mmtm", r18),
+             "jt_r34": Arch("late", (("audio", "resnet34"), ("visual", "resnet34"))),
+             "crmt_tf": Arch("late", (("audio", "transformer"), ("visual", "resnet18"))),
+             "jt_pre": Arch("late", r18, ("visual",)),
+             "jt_3m": Arch("late", (("diff", "resnet18"), ("flow", "resnet18"), ("visual", "resnet18")))}
+    methods = {m: ("crmt_jt" if m.startswith("crmt") else "jt") for m in archs}
+    rows = [r for m in archs for r in _rows(m, methods[m], 0.8, ("diff", "flow", "visual") if m == "jt_3m"
+                                             else ("audio", "visual"))]
+    written = {p.stem for p in write_tables(rows, tmp_path, 0.5, 1.0, methods, archs)}
+    assert {"T1", "T2", "T3", "T4", "T5", "T6", "T8"} <= written
+
+    def models_in(tid):
+        return [line.split("|")[1].strip() for line in (tmp_path / f"{tid}.md").read_text().splitlines()[4:]]
+
+    assert models_in("T1") == ["jt", "crmt_jt"] and models_in("T2") == ["jt", "crmt_jt"]
+    assert models_in("T3") == ["jt_mmt", "crmt_mmt"] and models_in("T5") == ["jt_mmtm"]
+    assert set(models_in("T4")) == {"jt_r34", "crmt_tf"} and models_in("T6") == ["jt_pre"]
+    assert models_in("T8") == ["jt_3m"]
+    t3 = (tmp_path / "T3.md").read_text()
+    assert "| jt_mmt | resnet18 A+V, MMT, scratch | 0.800 | 0.600 | 0.500 |" in t3
+    assert "transformer A + resnet18 V, scratch" in (tmp_path / "T4.md").read_text()
+    assert "pretrained V" in (tmp_path / "T6.md").read_text()
+    # T4 puts the missing-modality columns between clean and the attacks, as the paper does
+    assert (tmp_path / "T4.md").read_text().splitlines()[2].startswith("| model | architecture | Clean | Missing #a")
+
+
+def test_arch_of_reads_the_training_params():
+    p = parse_params({"train": {"model": {"encoder": {"audio": "transformer", "visual": "resnet18"},
+                                          "pretrained": {"visual": "/x.pt"}}}})
+    a = arch_of(p, ["audio", "visual"])
+    assert a == Arch("late", (("audio", "transformer"), ("visual", "resnet18")), ("visual",))
+    assert arch_of(parse_params({"train": {"model": {"fusion": "mmtm"}}}), ["audio", "visual"]).fusion == "mmtm"
+
+
+def test_certified_table_pairs_ca_with_pgd(tmp_path):
+    rows = _rows("crmt_jt", "crmt_jt", 0.8) + [
+        dict(dataset="d", method="crmt_jt", model="crmt_jt", attack="certified", modality="all", eps=e, accuracy=a, n=10)
+        for e, a in ((0.0, 0.7), (0.5, 0.1))]
+    write_tables(rows, tmp_path, 0.5, 1.0, {"crmt_jt": "crmt_jt"})
+    ca = (tmp_path / "CA.md").read_text().splitlines()
+    assert ca[4] == "| model | CA 0 | clean 0 | CA 0.5 | PGD 0.5 |"
+    assert ca[6] == "| crmt_jt | 0.700 | 0.800 | 0.100 | 0.500 |"
