@@ -169,3 +169,48 @@ def test_certified_table_pairs_ca_with_pgd(tmp_path):
     ca = (tmp_path / "CA.md").read_text().splitlines()
     assert ca[4] == "| model | CA 0 | clean 0 | CA 0.5 | PGD 0.5 |"
     assert ca[6] == "| crmt_jt | 0.700 | 0.800 | 0.100 | 0.500 |"
+
+
+def test_killed_evaluation_stage_resumes_where_it_stopped(trained, tmp_path):
+    """`python -m stages.evaluate` killed (SIGKILL) after its first batch: no table appears, and the rerun
+    resumes from the cache and gives the same measurements as an uninterrupted run."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    path, _ = trained
+    raw = torch.load(path, weights_only=False)["config"]
+    raw["models"] = {"crmt_jt": {"method": "crmt_jt", "group": "crmt"}}
+    raw["tuned_models"] = {}
+    raw["evaluate"] = {**CFG.model_dump(mode="json"), "batch_size": 1, "pgd_steps": 10, "out_dir": "results",
+                       "eta_models": [], "tsne_models": [], "joint_grid_models": ["crmt_jt"],
+                       "certify_models": ["crmt_jt"]}
+
+    def stage(cwd):
+        cwd.mkdir(exist_ok=True)
+        (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+        return subprocess.Popen([sys.executable, "-m", "stages.evaluate", "--params", "params.yaml",
+                                 "--models-dir", str(path.parents[1])], cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    cache = tmp_path / "run" / ".cache" / "eval" / "crmt_jt.jsonl"
+    proc = stage(tmp_path / "run")
+    deadline = time.time() + 300
+    while not (cache.exists() and cache.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    done = cache.read_text().count("\n")
+    assert 1 <= done < 4, done  # 4 test clips, one per batch
+    assert not (tmp_path / "run" / "results" / "tables").exists()  # nothing half-written that looks complete
+    resumed = stage(tmp_path / "run")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert f"resuming: {done} of 4 batches already evaluated" in out
+    fresh = stage(tmp_path / "fresh")
+    out_fresh, _ = fresh.communicate(timeout=600)
+    assert fresh.returncode == 0, out_fresh
+    for name in ("measurements.csv", "tables/T1.csv", "tables/CA.csv", "metrics.json"):
+        assert (tmp_path / "run" / "results" / name).read_text() == (tmp_path / "fresh" / "results" / name).read_text()
