@@ -39,12 +39,25 @@ def absolute_paths(params: Params, base: Path) -> Params:
     return p
 
 
+def _quiet_reports() -> None:
+    """Ray Train logs every `report` (metrics and checkpoint path) at INFO under a logger named after its source
+    file, which LoggingConfig does not reach; our own epoch line says the same in one line."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray layout: keep its logging as it is
+        pass
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; torch.distributed is already initialised when num_workers > 1."""
     import ray.train
 
     from mmrobust.train import Trainer
 
+    _quiet_reports()
     params = parse_params(config["params"], "train_loop_config")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
