@@ -38,9 +38,10 @@ def flatten(obj, prefix: str = "") -> dict[str, str]:
 
 
 def client(uri: str):
+    """A client bound to `uri`. Not `mlflow.set_tracking_uri`: it also sets MLFLOW_TRACKING_URI in this process's
+    environment, which would then override every later `resolve_uri` (and reach child processes)."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(uri)
 
 

@@ -92,6 +92,8 @@ def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
     params = absolute_paths(params, base)
     cfg = params.tune
     out = Path(cfg.out_dir)
+    if not params.tuned_models:
+        return skip_search(out, log)
     digest = hashlib.sha1(params.model_dump_json().encode()).hexdigest()[:10]
     name = f"tune-{cfg.base.method}-{digest}"
     storage = Path(params.train.storage_dir)
@@ -116,8 +118,9 @@ def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
             trainable,
             param_space=search_space(cfg.space),
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent,
-                search_alg=BasicVariantGenerator(random_state=cfg.seed),
+                metric=METRIC, mode="max", num_samples=cfg.num_samples,
+                # the generator limits concurrency itself (TuneConfig.max_concurrent_trials is ignored with it)
+                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent),
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=10_000, grace_period=cfg.grace_period,
                                         reduction_factor=cfg.reduction_factor)),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
@@ -156,6 +159,18 @@ def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
     log(f"[tune] best {METRIC} {best[METRIC]:.3f} with {best_values} ({summary['completed']} completed, "
         f"{summary['stopped_early']} stopped by ASHA, {summary['failed']} failed; {summary['wall_seconds']:.0f} s) "
         f"-> {out / 'best_params.yaml'}; MLflow parent run {parent_id} at {uri}")
+    return summary
+
+
+def skip_search(out: Path, log=print) -> dict:
+    """No `tuned_models` consume a search: write empty outputs (the DVC outs exist) without starting trials."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "best_params.yaml") as fh:
+        fh.write("# no tuned_models are configured: the search was skipped (pipelines/tune.py)\n{}\n")
+    write_csv(out / "trials.csv", [], ["trial_id", "status", "epochs", "epochs_total", METRIC, "val_acc"])
+    summary = {"skipped": True, "trials": 0}
+    write_json(out / "summary.json", summary)
+    log(f"[tune] no tuned_models configured: search skipped; wrote empty outputs in {out}")
     return summary
 
 

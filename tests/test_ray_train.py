@@ -1,6 +1,5 @@
 """Real Ray Train runs: 2 CPU workers (DDP-style), a worker killed mid-run, checkpoint reload, MLflow logging."""
 import json
-import os
 
 import pytest
 import torch
@@ -10,16 +9,6 @@ from mmrobust.evaluation import load_trained
 from pipelines.train import run_name, train_method
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_two_workers_survive_a_killed_worker_and_checkpoint_reloads(ray_cluster, tmp_path):

@@ -1,7 +1,6 @@
 """A real 4-trial ASHA search (Ray Tune driving Ray Train trials) on real extracted clips: best params file,
 trials table, one MLflow parent run with a child run per trial (through a local tracking server), and a
 tuned model that trains with the best params."""
-import os
 
 import pytest
 import yaml
@@ -15,16 +14,6 @@ pytestmark = pytest.mark.slow
 
 SPACE = {"crmt.rho": {"dist": "loguniform", "low": 0.5, "high": 4.0},
          "crmt.iterations": {"dist": "choice", "values": [1, 2]}}
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_asha_search_writes_best_params_and_parent_child_runs(ray_cluster, tmp_path):
@@ -89,3 +78,21 @@ def test_search_space_and_tuned_models_are_validated(tmp_path):
     assert nest({"crmt.rho": 1.0, "train.lr": 0.1}) == {"crmt": {"rho": 1.0}, "train": {"lr": 0.1}}
     trial = trial_params(params, {"crmt.rho": 1.5})
     assert trial.crmt.rho == 1.5 and trial.train.cpus_per_worker == params.tune.worker_cpus
+
+
+def test_search_is_skipped_when_no_tuned_model_needs_it(tmp_path):
+    params = parse_params({"tune": {"out_dir": str(tmp_path / "tune")}})
+    assert params.tuned_models == {}
+    summary = tune_method(params, tmp_path, log=lambda *_: None)  # no Ray cluster needed: nothing is started
+    assert summary == {"skipped": True, "trials": 0}
+    assert yaml.safe_load((tmp_path / "tune" / "best_params.yaml").read_text()) == {}
+    assert read_csv(tmp_path / "tune" / "trials.csv") == []
+
+
+def test_tracking_client_leaves_the_environment_alone(tmp_path, monkeypatch):
+    from mmrobust import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.client(f"sqlite:///{tmp_path / 'a.db'}")
+    # a later stage in the same process still resolves its own store
+    assert tracking.resolve_uri("sqlite:///b.db", tmp_path) == f"sqlite:///{tmp_path / 'b.db'}"
