@@ -319,17 +319,21 @@ class Params(_Strict):
         """The params one model trains with: (tuned models: the best params, then) its overrides, train.method set."""
         if model_id not in self.all_models:
             raise ConfigError(f"models.{model_id}: no such model; configured: {sorted(self.all_models)}")
+        if model_id not in self.tuned_models:
+            return self.for_entry(self.models[model_id], f"models.{model_id}")
+        path = Path(best_params or self.tune.best_params_file)
+        if not path.exists():
+            raise ConfigError(f"tuned_models.{model_id}: {path} not found; run the tune stage first "
+                              f"(python -m pipelines.tune)")
+        return self.for_entry(self.tuned_models[model_id], f"tuned_models.{model_id}",
+                              under=yaml.safe_load(path.read_text()) or {})
+
+    def for_entry(self, entry: ModelEntry, where: str, under: dict | None = None, over: dict | None = None
+                  ) -> "Params":
+        """Params merged from `under`, then the entry's overrides, then `over`; train.method = the entry's."""
         raw = self.model_dump(mode="json")
-        if model_id in self.tuned_models:
-            path = Path(best_params or self.tune.best_params_file)
-            if not path.exists():
-                raise ConfigError(f"tuned_models.{model_id}: {path} not found; run the tune stage first "
-                                  f"(python -m pipelines.tune)")
-            raw = deep_merge(raw, yaml.safe_load(path.read_text()) or {})
-            entry, where = self.tuned_models[model_id], f"tuned_models.{model_id}"
-        else:
-            entry, where = self.models[model_id], f"models.{model_id}"
-        raw = deep_merge(raw, entry.overrides)
+        for layer in (under, entry.overrides, over):
+            raw = deep_merge(raw, layer or {})
         raw["train"]["method"] = entry.method
         return parse_params(raw, f"{where}.overrides")
 

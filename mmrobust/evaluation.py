@@ -173,8 +173,7 @@ def certified_rows(predictor: Predictor, params: Params, ckpt: dict, loader: Dat
         return []
     first = next(iter(loader))
     lips = model_lipschitz_bounds(model, {m: tuple(first[m].shape[1:]) for m in ckpt["modalities"]})
-    radii = certified_radii(model, ({**{m: b[m] for m in ckpt["modalities"]}, "label": b["label"]} for b in loader),
-                            lips)
+    radii = certified_radii(model, loader, lips)
     grid = [0.0, *cfg.joint_grid]
     rows = [dict(base, attack="certified", modality="all", eps=r, accuracy=ca)
             for r, ca in zip(grid, certified_accuracy(radii, grid))]

@@ -8,12 +8,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-# Same auth mode for every Ray call (a stray token file would otherwise switch later clusters to token auth).
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-# The Train controller notices a finished worker group at its next health check (default every 2 s, which
-# adds ~4 s to every short run here). Workers inherit this from the cluster that this process starts.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+CLUSTER_ENV = {
+    # Same auth mode for every Ray call (a stray token file would otherwise switch later clusters to token auth).
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    # The Train controller notices a finished worker group at its next health check (default every 2 s, which
+    # adds ~4 s to every short run here). Workers inherit this from the cluster that this process starts.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+for _key, _value in CLUSTER_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 @contextmanager

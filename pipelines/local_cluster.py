@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mmrobust.ray_utils import CLUSTER_ENV
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -34,9 +36,7 @@ def start_head(num_cpus: int | None = None, timeout: float = 120.0, dashboard_po
                ) -> tuple[subprocess.Popen, str]:
     """`ray start --head --block` in its own process group; with `dashboard_port`, also the dashboard and job
     server on 127.0.0.1 (what `ray job submit --address http://127.0.0.1:<port>` talks to)."""
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
-           # see mmrobust/ray_utils.py: a finished Train run is noticed within 0.5 s instead of 2 s
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+    env = {**CLUSTER_ENV, **os.environ}  # the user's settings win over our defaults
     port = _free_port()
     tmp = Path(tempfile.gettempdir()) / "mmrobust-ray"
     tmp.mkdir(parents=True, exist_ok=True)

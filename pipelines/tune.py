@@ -53,12 +53,10 @@ def search_space(space: dict[str, SearchDim]) -> dict:
 
 def trial_params(base: Params, sample: dict) -> Params:
     """The params one trial trains with: tune.base's overrides, the sampled values, the trial's worker CPUs."""
-    entry = base.tune.base
-    raw = deep_merge(deep_merge(base.model_dump(mode="json"), entry.overrides), nest(sample))
-    raw["train"]["method"] = entry.method
+    over = nest(sample)
     if base.tune.worker_cpus is not None:
-        raw["train"]["cpus_per_worker"] = base.tune.worker_cpus
-    return parse_params(raw, "tune trial")
+        over = deep_merge(over, {"train": {"cpus_per_worker": base.tune.worker_cpus}})
+    return base.for_entry(base.tune.base, "tune.base", over=over)
 
 
 def run_trial(sample: dict, base: dict, tracking_uri: str, parent_run: str, experiment: str) -> None:
