@@ -32,8 +32,9 @@ def main() -> None:
     ap.add_argument("--loader-workers", type=int, nargs="+", default=None,
                     help="DataLoader worker processes per trainer to compare (default: train.loader_workers)")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--dataset", default=None, help="a `datasets` id (default: the only one configured)")
     args = ap.parse_args()
-    base = load_params(args.params)
+    base = load_params(args.params).for_dataset(args.dataset)
     if not (ROOT / base.extract.out_dir / "visual" / "index.csv").exists():
         raise SystemExit("no extracted features: run `make reproduce` (or the extract stages) first")
     out = Path(tempfile.mkdtemp(prefix="bench-train-"))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -82,6 +82,29 @@ class DataCfg(_Strict):
     ks: KSLayout = KSLayout()
     vggsound: VGGSoundLayout = VGGSoundLayout()
     ucf101: UCF101Layout = UCF101Layout()
+
+
+DATASET_ID = r"^[a-z0-9_]+$"  # part of stage names (train@<dataset>-<model>) and paths
+DATASET_GROUPS = ("data", "extract")  # what a dataset entry may override
+
+
+class DatasetEntry(_Strict):
+    """One dataset the pipeline runs on: its layout, the folder holding it, and overrides of data/extract
+    (e.g. another audio preset, or fewer modalities: UCF101 has no audio)."""
+    dataset: Literal["synthetic", "ks", "vggsound", "ucf101"]
+    root: str
+    overrides: dict[str, dict] = {}
+
+    @model_validator(mode="after")
+    def _groups(self):
+        extra = sorted(set(self.overrides) - set(DATASET_GROUPS))
+        if extra:
+            raise ValueError(f"overrides: {extra} not allowed; a dataset overrides {list(DATASET_GROUPS)} only")
+        for group, key in (("data", "dataset"), ("data", "root"), ("data", "out_dir"), ("extract", "out_dir")):
+            if key in self.overrides.get(group, {}):
+                raise ValueError(f"overrides.{group}.{key}: set by the pipeline (the entry's dataset/root; "
+                                 f"<{group}.out_dir>/<dataset id>)")
+        return self
 
 
 # ---------------------------------------------------------------- extract
@@ -302,6 +325,9 @@ class EvaluateCfg(_Strict):
 class Params(_Strict):
     generate: GenerateCfg = GenerateCfg()
     data: DataCfg = DataCfg()
+    # The datasets the pipeline runs on (DVC builds every per-dataset stage from these ids); the stage CLIs
+    # resolve one of them with `for_dataset`, which sets data.dataset/root and the per-dataset paths.
+    datasets: dict[str, DatasetEntry] = {"synthetic": DatasetEntry(dataset="synthetic", root="data/synthetic")}
     extract: ExtractCfg = ExtractCfg()
     train: TrainCfg = TrainCfg()
     tracking: TrackingCfg = TrackingCfg()
@@ -310,6 +336,37 @@ class Params(_Strict):
     # Trained with the tune stage's best params (tune.out_dir/best_params.yaml) under their own overrides.
     tuned_models: dict[str, ModelEntry] = {}
     evaluate: EvaluateCfg = EvaluateCfg()
+    _dataset: Optional[str] = PrivateAttr(None)  # set by for_dataset
+
+    @property
+    def dataset_id(self) -> Optional[str]:
+        """The `datasets` id these params were resolved for (None: not resolved, paths are the base folders)."""
+        return self._dataset
+
+    def for_dataset(self, name: str | None = None) -> "Params":
+        """The params of one dataset: data.dataset/root from its entry, its overrides merged, and every
+        output folder one level deeper: <data.out_dir>/<id>, <extract.out_dir>/<id>, <train.out_dir>/<id>,
+        <tune.out_dir>/<id>, <evaluate.out_dir>/datasets/<id>. `name` None: the only configured dataset."""
+        if self._dataset is not None:
+            if name in (None, self._dataset):
+                return self
+            raise ConfigError(f"datasets.{name}: these params are already those of dataset {self._dataset!r}")
+        if name is None:
+            if len(self.datasets) != 1:
+                raise ConfigError(f"--dataset: {len(self.datasets)} datasets are configured "
+                                  f"({', '.join(self.datasets) or 'none'}); name one")
+            name = next(iter(self.datasets))
+        if name not in self.datasets:
+            raise ConfigError(f"datasets.{name}: no such dataset; configured: {sorted(self.datasets)}")
+        entry = self.datasets[name]
+        raw = deep_merge(self.model_dump(mode="json"), entry.overrides)
+        raw["data"].update(dataset=entry.dataset, root=entry.root, out_dir=_join(self.data.out_dir, name))
+        for group in ("extract", "train", "tune"):
+            raw[group]["out_dir"] = _join(getattr(self, group).out_dir, name)
+        raw["evaluate"]["out_dir"] = _join(self.evaluate.out_dir, "datasets", name)
+        params = parse_params(raw, f"datasets.{name}.overrides")
+        params._dataset = name
+        return params
 
     @property
     def all_models(self) -> dict[str, ModelEntry]:
@@ -335,10 +392,16 @@ class Params(_Strict):
         for layer in (under, entry.overrides, over):
             raw = deep_merge(raw, layer or {})
         raw["train"]["method"] = entry.method
-        return parse_params(raw, f"{where}.overrides")
+        params = parse_params(raw, f"{where}.overrides")
+        params._dataset = self._dataset
+        return params
 
     def method_params(self, key: str):
         return getattr(self, key)
+
+
+def _join(*parts: str) -> str:
+    return Path(*parts).as_posix()
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -379,6 +442,7 @@ def _check_methods(params: Params) -> list[str]:
         group = METHODS[entry.method].params_key or "train"
         if entry.group != group:
             errors.append(f"  {where}.group: method {entry.method!r} reads group {group!r}, got {entry.group!r}")
+    errors += _check_datasets(params)
     for mid in sorted(set(params.models) & set(params.tuned_models)):
         errors.append(f"  tuned_models.{mid}: the id is also in models; ids must be unique")
     groups = {params.tune.base.group, "train"}
@@ -388,6 +452,23 @@ def _check_methods(params: Params) -> list[str]:
         if model is None or field not in type(model).model_fields:
             errors.append(f"  tune.space.{key}: not a key of the searched groups {sorted(groups)} "
                           f"(write <group>.<key>, e.g. crmt.rho)")
+    return errors
+
+
+def _check_datasets(params: Params) -> list[str]:
+    import re
+
+    errors = [] if params.datasets else ["  datasets: empty; name at least one dataset"]
+    for name, entry in params.datasets.items():
+        if not re.match(DATASET_ID, name):
+            errors.append(f"  datasets.{name}: ids are lower-case letters, digits and _ (they name stages and folders)")
+        ext = entry.overrides.get("extract", {})
+        for key in ("frame_modalities", "audio_modalities"):
+            extra = [m for m in ext.get(key, []) if m not in getattr(params.extract, key)]
+            if extra:
+                errors.append(f"  datasets.{name}.overrides.extract.{key}: {extra} not in extract.{key} "
+                              f"{getattr(params.extract, key)}; DVC makes one extraction stage per dataset and "
+                              f"modality of those lists, a dataset may use fewer")
     return errors
 
 
@@ -428,4 +509,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of stage groups")
+    placed = [k for k in ("dataset", "root") if isinstance((raw or {}).get("data"), dict) and k in raw["data"]]
+    if placed:
+        raise ConfigError(f"{path}: data.{placed[0]}: datasets are listed under `datasets:` "
+                          f"(e.g. datasets: {{ks: {{dataset: ks, root: /data/kinetics-sounds}}}})")
     return parse_params(raw, str(path))

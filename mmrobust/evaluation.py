@@ -114,7 +114,7 @@ def _read_cache(path: Path) -> dict[int, dict]:
 
 
 def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir: str | Path,
-                   log=print, stop_after: int | None = None) -> list[dict]:
+                   log=print, stop_after: int | None = None, dataset: str | None = None) -> list[dict]:
     """All attack measurements of one trained model as tidy rows (resumable through the cache)."""
     predictor, params, ckpt = load_trained(path)
     specs = attack_grid(cfg, ckpt["modalities"], model_id in cfg.joint_grid_models, model_id in cfg.uni_grid_models)
@@ -150,7 +150,7 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
         return []
     n = sum(r["n"] for r in done.values())
     correct = {k: sum(r["counts"][k] for r in done.values()) for k in ["clean", *(s.label for s in specs)]}
-    base = dict(dataset=params.data.dataset, method=ckpt["method"], model=model_id, n=n)
+    base = dict(dataset=dataset or params.data.dataset, method=ckpt["method"], model=model_id, n=n)
     rows = [dict(base, attack="clean", modality="all", eps=0.0, accuracy=correct["clean"] / n)]
     rows += [dict(base, attack=s.attack, modality=s.modality, eps=s.eps, accuracy=correct[s.label] / n)
              for s in specs]
@@ -204,7 +204,8 @@ def evaluate_all(params: Params, models_dir: str | Path = "models", cache_dir: s
     rows: list[dict] = []
     for i, mid in enumerate(ids):
         log(f"[evaluate] model {i + 1}/{len(ids)}: {mid}")
-        rows += evaluate_model(Path(models_dir) / mid / "model.pt", mid, cfg, cache_dir, log=log)
+        rows += evaluate_model(Path(models_dir) / mid / "model.pt", mid, cfg, cache_dir, log=log,
+                               dataset=params.dataset_id)
     methods = {mid: next(r["method"] for r in rows if r["model"] == mid) for mid in ids}
     archs = {mid: model_arch(Path(models_dir) / mid / "model.pt") for mid in ids}
     out = Path(cfg.out_dir)

@@ -252,3 +252,41 @@ def write_index(out: Path, tables_written: list[Path], figures: list[Path]) -> P
     with atomic_file(out / "README.md") as fh:
         fh.write("\n".join(lines))
     return out / "README.md"
+
+
+def write_across_datasets(per_dataset: dict[str, Path], out: Path, joint_eps: float, models: dict[str, str]
+                          ) -> Path:
+    """The paper's T1 layout: one row per model, a clean / FGM / l2-PGD column group per dataset, from each
+    dataset's own T1 rows (`<dataset dir>/tables/T1.csv`, base architecture only). Writes `<out>/tables/T1.*`
+    and `<out>/README.md`, which links every dataset's tables and figures."""
+    from mmrobust.io import atomic_dir, read_csv
+
+    rows = []
+    for name, folder in per_dataset.items():
+        t1 = folder / "tables" / "T1.csv"
+        if not t1.exists():
+            raise FileNotFoundError(f"{t1}: no T1 of dataset {name!r} (run its evaluation: dvc repro evaluate@{name})")
+        rows += [dict(r, dataset=name) for r in read_csv(t1)]
+
+    def of(dataset: str, col: Column) -> Column:
+        return Column(f"{dataset} {col.title}", lambda r: r["dataset"] == dataset and col.match(r))
+
+    cols = [of(d, c) for d in per_dataset for c in (_col("clean"), _col("fgm", eps=joint_eps), _col("pgd", eps=joint_eps))]
+    order = [m for m in T1_MODELS if m in models] + _others(models, T1_MODELS)
+    with atomic_dir(out / "tables") as tmp:
+        table = _write_table(tmp, "T1", f"clean / FGM / l2-PGD accuracy (joint, eps {joint_eps:g}) on "
+                             f"{', '.join(per_dataset)}", *pivot(rows, order, cols),
+                             note="One column group per dataset; each dataset's base architecture (see its T1).")
+        text = table.read_text() if table else "No model was evaluated.\n"
+    lines = ["# Results", "", text, "([csv](tables/T1.csv))" if table else "", "", "## Per dataset", ""]
+    for name, folder in per_dataset.items():
+        rel = folder.relative_to(out).as_posix() if folder.is_relative_to(out) else folder.as_posix()
+        tables_ = sorted((folder / "tables").glob("*.md"), key=lambda p: (len(p.stem), p.stem))
+        figures = sorted((folder / "figures").glob("*.png"))
+        lines.append(f"- **{name}** ([all tables and figures]({rel}/README.md)): tables "
+                     + ", ".join(f"[{p.stem}]({rel}/tables/{p.name})" for p in tables_)
+                     + ("; figures " + ", ".join(f"[{p.stem}]({rel}/figures/{p.name})" for p in figures)
+                        if figures else ""))
+    with atomic_file(out / "README.md") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return out / "README.md"

@@ -2,11 +2,14 @@
 `train.num_workers` workers, CPU or GPU by `train.use_gpu`), a checkpoint each epoch, resume after worker
 failures and after an interrupted run, MLflow logging from rank 0.
 
-    python -m pipelines.train --model crmt_jt [--params params.yaml] [--out models/crmt_jt]
+    python -m pipelines.train --model crmt_jt [--dataset synthetic] [--params params.yaml]
     python -m pipelines.train --method jt            # train.* params as they are, no `models` entry
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.train --model jt
 
-`--model ID` trains the `models.ID` entry of params.yaml (its method, group and overrides). Writes `<out>/model.pt` (selected model + config + metrics), `<out>/metrics.json` and `<out>/mlflow_run.json`.
+`--model ID` trains the `models.ID` entry of params.yaml (its method, group and overrides) on dataset
+`--dataset` (an id of `datasets`; default: the only one); `--plan FILE` reads the method group from the plan
+stage's file (what the DVC stage declares). Writes `<out>/model.pt` (selected model + config + metrics),
+`<out>/metrics.json` and `<out>/mlflow_run.json`; default out: <train.out_dir>/<dataset>/<model>.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 
 from mmrobust.config import ConfigError, Params, load_params, parse_params
 from mmrobust.io import atomic_file, write_json
+from mmrobust.plan import apply_plan
 from mmrobust.ray_utils import ray_session
 from mmrobust import tracking
 
@@ -150,8 +154,9 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     run_file = out_dir.parent / f".{out_dir.name}.mlflow_run.json"  # survives an interrupted stage
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
     if run_id is None:
-        run = c.create_run(exp, run_name=model_id or method, tags={"method": method, "model_id": model_id or method,
-                                                                  "dataset": params.data.dataset,
+        label = model_id or method
+        run = c.create_run(exp, run_name=f"{label}@{params.dataset_id}" if params.dataset_id else label, tags={"method": method, "model_id": model_id or method,
+                                                                  "dataset": params.dataset_id or params.data.dataset,
                                                       "model": f"{cfg.model.encoder}-w{cfg.model.width}",
                                                       "ray_run": name})
         run_id = run.info.run_id
@@ -189,11 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--model", help="an entry of `models` in params.yaml")
     which.add_argument("--method", help="a registered method (default: train.method)")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", help="output folder (default: <train.out_dir>/<method>)")
+    ap.add_argument("--dataset", help="an id of `datasets` (default: the only one)")
+    ap.add_argument("--plan", help="the model's method-params file from the plan stage (plan/<model>.yaml)")
+    ap.add_argument("--out", help="output folder (default: <train.out_dir>/<dataset>/<model or method>)")
     ap.add_argument("--fail-at-epoch", type=int, help="fault injection: the last worker exits at this epoch once")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params).for_dataset(args.dataset)
+        if args.plan:
+            if not args.model:
+                raise ConfigError("--plan needs --model")
+            params = apply_plan(params, args.model, args.plan)
         if args.model:
             params = params.for_model(args.model)
     except ConfigError as err:

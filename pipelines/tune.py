@@ -1,10 +1,10 @@
 """Ray Tune entrypoint: ASHA search over a method's params (default: CRMT's rho, iterations and step-2
 settings), each trial a Ray Train `TorchTrainer` run scored by joint l2-PGD accuracy on the validation split.
 
-    python -m pipelines.tune [--params params.yaml]
+    python -m pipelines.tune [--dataset synthetic] [--params params.yaml]
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.tune --params /shared/params.yaml
 
-Writes `<tune.out_dir>/best_params.yaml` (the best trial's values as params overrides, read by every
+Writes `<tune.out_dir>/<dataset>/best_params.yaml` (the best trial's values as params overrides, read by every
 `tuned_models` entry), `trials.csv` (one row per trial) and `summary.json`. MLflow: one parent run with a
 child run per trial. Trials write concurrently, so unless MLFLOW_TRACKING_URI names a server, a local
 `mlflow server` on 127.0.0.1 fronts the SQLite store for the duration of the search.
@@ -101,8 +101,9 @@ def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
     t0 = time.perf_counter()
     with tracking.concurrent_writers(uri, base / "mlartifacts") as server_uri:
         c = tracking.client(server_uri)
-        parent = c.create_run(experiment, run_name=f"tune-{cfg.base.method}",
-                              tags={"method": cfg.base.method, "dataset": params.data.dataset, "tune": "asha"})
+        dataset = params.dataset_id or params.data.dataset
+        parent = c.create_run(experiment, run_name=f"tune-{cfg.base.method}@{dataset}",
+                              tags={"method": cfg.base.method, "dataset": dataset, "tune": "asha"})
         parent_id = parent.info.run_id
         tracking.log_params(c, parent_id, {
             **{f"tune.{k}": str(v) for k, v in cfg.model_dump(mode="json").items() if k not in ("space", "base")},
@@ -198,9 +199,10 @@ def trial_rows(grid, c, parent_id: str, keys: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--dataset", help="an id of `datasets` (default: the only one)")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params).for_dataset(args.dataset)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,21 +1,40 @@
-"""DVC stage: extract one modality (visual | audio | flow | diff) for every clip of the manifest."""
+"""DVC stage `extract-frames@<dataset>-<modality>` / `extract-audio@...`: extract one modality (visual | audio |
+flow | diff) for every clip of one dataset's manifest. A modality the dataset does not use (its overrides drop it,
+e.g. audio for UCF101) leaves only `skipped.json` saying so."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mmrobust.config import ConfigError, load_params
 from mmrobust.data.extract import MODALITIES, ExtractError, extract
+from mmrobust.io import atomic_dir, write_json
+
+
+def skip(params, modality: str):
+    """The stage's output for a modality the dataset leaves out: one file that says so (and why)."""
+    out = Path(params.extract.out_dir) / modality
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "skipped.json", {"dataset": params.dataset_id, "modality": modality,
+                                          "reason": f"not in the dataset's modalities {params.extract.modalities}"})
+    return out / "skipped.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--modality", required=True, choices=MODALITIES)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--dataset", help="an id of `datasets` (default: the only one)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params).for_dataset(args.dataset)
+        if args.modality not in params.extract.modalities:
+            out = skip(params, args.modality)
+            print(f"extract {args.modality}: dataset {params.dataset_id} does not use it "
+                  f"(modalities {params.extract.modalities}); wrote {out}")
+            return 0
         s = extract(args.modality, params.extract, params.data.out_dir, progress=not args.no_progress)
     except (ConfigError, ExtractError) as err:
         print(f"error: {err}", file=sys.stderr)

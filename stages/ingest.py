@@ -1,6 +1,6 @@
-"""Stage `ingest`: validate the dataset layout named in params.yaml (`data`) and write the clip manifest.
+"""Stage `ingest@<dataset>`: validate one dataset's layout (`datasets.<id>`, `data`) and write its clip manifest.
 
-    python -m stages.ingest [--params params.yaml]
+    python -m stages.ingest [--dataset ID] [--params params.yaml]
 
 Exit status 2 on a bad params file or a layout that cannot be ingested (message on stderr).
 """
@@ -20,9 +20,10 @@ SHOW_REJECTED = 5
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("--dataset", help="an id of `datasets` (default: the only one)")
     args = ap.parse_args(argv)
     try:
-        cfg = load_params(args.params).data
+        cfg = load_params(args.params).for_dataset(args.dataset).data
         summary = ingest(cfg)
     except (ConfigError, IngestError) as err:
         print(f"ingest: error: {err}", file=sys.stderr)

@@ -67,3 +67,60 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_params(bad)
+
+
+TWO = {"datasets": {"syn": {"dataset": "synthetic", "root": "data/synthetic"},
+                    "ucf": {"dataset": "ucf101", "root": "/data/ucf",
+                            "overrides": {"extract": {"audio_modalities": [], "visual": {"size": 32}},
+                                          "data": {"ucf101": {"split": 2}}}}},
+       "extract": {"frame_modalities": ["visual", "flow"]}, "models": {"jt": {"method": "jt", "group": "train"}}}
+
+
+def test_for_dataset_sets_layout_paths_and_overrides():
+    params = parse_params(TWO)
+    ucf = params.for_dataset("ucf")
+    assert (ucf.dataset_id, ucf.data.dataset, ucf.data.root, ucf.data.ucf101.split) == ("ucf", "ucf101", "/data/ucf", 2)
+    assert (ucf.data.out_dir, ucf.extract.out_dir, ucf.train.out_dir, ucf.tune.out_dir, ucf.evaluate.out_dir) == \
+        ("data/manifest/ucf", "data/features/ucf", "models/ucf", "tune/ucf", "results/datasets/ucf")
+    assert ucf.extract.modalities == ["visual", "flow"] and ucf.extract.visual.size == 32
+    syn = params.for_dataset("syn")  # the other dataset keeps the global values
+    assert syn.extract.modalities == ["visual", "flow", "audio"] and syn.extract.visual.size == 64
+    assert syn.for_dataset() is syn and syn.for_dataset("syn") is syn
+    assert syn.for_model("jt").dataset_id == "syn" and syn.for_model("jt").train.out_dir == "models/syn"
+    assert params.dataset_id is None and params.extract.out_dir == "data/features"  # the base is untouched
+    with pytest.raises(ConfigError, match="2 datasets are configured"):
+        params.for_dataset()
+    with pytest.raises(ConfigError, match=r"datasets.nope: no such dataset; configured: \['syn', 'ucf'\]"):
+        params.for_dataset("nope")
+    with pytest.raises(ConfigError, match="already those of dataset 'syn'"):
+        syn.for_dataset("ucf")
+
+
+@pytest.mark.parametrize("entry,fragment", [
+    ({"Bad-Id": {"dataset": "ks", "root": "x"}}, "datasets.Bad-Id: ids are lower-case"),
+    ({"k": {"dataset": "kinetics", "root": "x"}}, "datasets.k.dataset"),
+    ({"k": {"dataset": "ks"}}, "datasets.k.root"),
+    ({"k": {"dataset": "ks", "root": "x", "overrides": {"train": {"lr": 1}}}}, "['train'] not allowed"),
+    ({"k": {"dataset": "ks", "root": "x", "overrides": {"data": {"root": "y"}}}}, "overrides.data.root: set by"),
+    ({"k": {"dataset": "ks", "root": "x", "overrides": {"extract": {"frame_modalities": ["flow"]}}}},
+     "['flow'] not in extract.frame_modalities"),
+    ({}, "datasets: empty"),
+])
+def test_bad_dataset_entries(entry, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_params({"datasets": entry}, "params.yaml")
+    assert fragment in str(err.value)
+
+
+def test_bad_override_value_names_the_dataset():
+    params = parse_params({"datasets": {"k": {"dataset": "ks", "root": "x",
+                                              "overrides": {"extract": {"visual": {"size": "big"}}}}}})
+    with pytest.raises(ConfigError, match=r"datasets.k.overrides: 1 invalid(.|\n)*extract.visual.size"):
+        params.for_dataset("k")
+
+
+def test_data_root_in_the_file_points_to_datasets(tmp_path):
+    old = tmp_path / "params.yaml"
+    old.write_text("data:\n  dataset: ks\n  root: /data/ks\n")
+    with pytest.raises(ConfigError, match="data.dataset: datasets are listed under `datasets:`"):
+        load_params(old)

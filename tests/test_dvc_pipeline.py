@@ -80,64 +80,93 @@ def _repro(repo, *targets):
                  *targets], repo)
 
 
-DATA_STAGES = {"generate", "ingest", "extract-frames@visual", "extract-audio@audio"}
+SYN = "synthetic"
+DATA_STAGES = {"generate", "plan", f"ingest@{SYN}", f"extract-frames@{SYN}-visual", f"extract-audio@{SYN}-audio"}
 
 
 def test_repro_outputs_noop_and_partial_rerun(repo):
     first = _repro(repo)
-    assert _ran(first.stdout) == DATA_STAGES | {"train@jt", "train@crmt_jt", "tune", "train-tuned@jt_tuned",
-                                                "evaluate"}, first.stdout
-    visual = np.load(repo / "data/features/visual/data.npy", mmap_mode="r")
-    audio = np.load(repo / "data/features/audio/data.npy", mmap_mode="r")
-    clips = read_csv(repo / "data/manifest/clips.csv")
+    assert _ran(first.stdout) == DATA_STAGES | {f"train@{SYN}-jt", f"train@{SYN}-crmt_jt", f"tune@{SYN}",
+                                                f"train-tuned@{SYN}-jt_tuned", f"evaluate@{SYN}", "tables"}, first.stdout
+    visual = np.load(repo / f"data/features/{SYN}/visual/data.npy", mmap_mode="r")
+    audio = np.load(repo / f"data/features/{SYN}/audio/data.npy", mmap_mode="r")
+    clips = read_csv(repo / f"data/manifest/{SYN}/clips.csv")
     assert visual.shape == (len(clips), 4, 32, 32, 3) and audio.shape == (len(clips), 64, 100)
     assert {c["split"] for c in clips} == {"train", "val", "test"} and len(clips) == 15
-    assert read_csv(repo / "data/features/visual/rejected.csv") == []
+    assert read_csv(repo / f"data/features/{SYN}/visual/rejected.csv") == []
     # training and evaluation outputs: models, tables, figures, metrics, and the runs in MLflow
     for m in [*MODELS, *TUNED]:
-        assert (repo / "models" / m / "model.pt").exists()
-    best = yaml.safe_load((repo / "tune/best_params.yaml").read_text())
+        assert (repo / "models" / SYN / m / "model.pt").exists()
+    best = yaml.safe_load((repo / f"tune/{SYN}/best_params.yaml").read_text())
     assert 0.001 <= best["train"]["lr"] <= 0.1
     import torch
-    tuned = torch.load(repo / "models/jt_tuned/model.pt", weights_only=False)
+    tuned = torch.load(repo / f"models/{SYN}/jt_tuned/model.pt", weights_only=False)
     assert tuned["config"]["train"]["lr"] == best["train"]["lr"]  # the tuned model trained with the best params
-    t1 = (repo / "results/tables/T1.md").read_text()
+    own = repo / "results/datasets" / SYN
+    t1 = (own / "tables/T1.md").read_text()
     assert "| jt |" in t1 and "| crmt_jt |" in t1
-    metrics = json.loads((repo / "results/metrics.json").read_text())
+    metrics = json.loads((own / "metrics.json").read_text())
     assert set(metrics) == set(MODELS) | set(TUNED) and all(0 <= v["pgd"] <= v["clean"] for v in metrics.values())
-    assert (repo / "results/figures/F5.png").stat().st_size > 1000 and (repo / "results/README.md").exists()
+    assert (own / "figures/F5.png").stat().st_size > 1000 and (own / "README.md").exists()
+    # the combined T1 carries the same numbers under the dataset's column group
+    combined = {r["model"]: r for r in _md_rows(repo / "results/tables/T1.md")}
+    assert {r["model"]: (r["Clean"], r["PGD 0.5"]) for r in _md_rows(own / "tables/T1.md")} == \
+        {m: (r[f"{SYN} Clean"], r[f"{SYN} PGD 0.5"]) for m, r in combined.items()}
+    assert f"datasets/{SYN}/README.md" in (repo / "results/README.md").read_text()
     import mlflow
     runs = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"])
     trained = [r for r in runs if "tune_trial" not in r.data.tags and "tune" not in r.data.tags]
-    assert {r.info.run_name for r in trained} == set(MODELS) | set(TUNED)
-    assert all("eval_clean" in r.data.metrics for r in trained)
+    assert {r.info.run_name for r in trained} == {f"{m}@{SYN}" for m in [*MODELS, *TUNED]}
+    assert all("eval_clean" in r.data.metrics and r.data.tags["dataset"] == SYN for r in trained)
     assert sum("tune_trial" in r.data.tags for r in runs) == 2  # the search's child runs
 
     second = _repro(repo)
     assert _ran(second.stdout) == set(), second.stdout
 
-    _set_params(repo, {"crmt": {"rho": 0.5}})  # only the CRMT model and the evaluation depend on it
+    _set_params(repo, {"crmt": {"rho": 0.5}})  # only the CRMT model and what reads it depend on it
     third = _repro(repo)
-    assert _ran(third.stdout) == {"train@crmt_jt", "evaluate"}, third.stdout
-
-    _set_params(repo, {"extract": {"audio": {"n_mels": 40}}})  # the audio stage alone, not the visual one
-    fourth = _repro(repo, "extract-audio@audio")
-    assert _ran(fourth.stdout) == {"extract-audio@audio"}, fourth.stdout
-    assert np.load(repo / "data/features/audio/data.npy", mmap_mode="r").shape[1] == 40
+    ran = _ran(third.stdout)
+    assert {"plan", f"train@{SYN}-crmt_jt", f"evaluate@{SYN}"} <= ran <= {"plan", f"train@{SYN}-crmt_jt",
+                                                                          f"evaluate@{SYN}", "tables"}, third.stdout
 
 
-def test_user_ks_folder_with_broken_clip(repo, tmp_path):
-    # A Kinetics-Sounds-layout folder the repo has never seen: real clips plus one broken file.
+def _md_rows(path: Path) -> list[dict]:
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_second_dataset_user_ks_folder_with_broken_clip(repo, tmp_path):
+    # A Kinetics-Sounds-layout folder the repo has never seen (real clips plus one broken file), added as a
+    # second dataset: its own data, training and evaluation stages run; the first dataset's models stay.
     user = tmp_path / "my_ks"
-    shutil.copytree(repo / "data/synthetic/videos", user / "videos")
-    train = (repo / "data/synthetic/train.txt").read_text().splitlines()
+    shutil.copytree(repo / f"data/{SYN}/videos", user / "videos")
+    train = (repo / f"data/{SYN}/train.txt").read_text().splitlines()
     (user / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
     (user / "train.txt").write_text("\n".join(train + ["broken 1"]) + "\n")
-    shutil.copy(repo / "data/synthetic/test.txt", user / "test.txt")
-    _set_params(repo, {"data": {"dataset": "ks", "root": str(user), "val_fraction": 0.0}})
-    _dvc(repo, "repro", "extract-frames@visual", "extract-audio@audio")
+    shutil.copy(repo / f"data/{SYN}/test.txt", user / "test.txt")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["datasets"]["my_ks"] = {"dataset": "ks", "root": str(user)}
+    params["models"], params["tuned_models"] = {"jt": MODELS["jt"]}, {}  # one model, no search: keep it short
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = _ran(_repro(repo).stdout)
+    mine = {"ingest@my_ks", "extract-frames@my_ks-visual", "extract-audio@my_ks-audio", "train@my_ks-jt",
+            "tune@my_ks", "evaluate@my_ks"}
+    assert mine <= ran and f"train@{SYN}-jt" not in ran, "\n".join(sorted(ran))
     for m in ("visual", "audio"):
-        rejected = read_csv(repo / f"data/features/{m}/rejected.csv")
+        rejected = read_csv(repo / f"data/features/my_ks/{m}/rejected.csv")
         assert [r["clip_id"] for r in rejected] == ["broken"] and rejected[0]["stage"] == m
-        index = read_csv(repo / f"data/features/{m}/index.csv")
+        index = read_csv(repo / f"data/features/my_ks/{m}/index.csv")
         assert len(index) == len(train) + 2 * 3
+    rows = {r["model"]: r for r in _md_rows(repo / "results/tables/T1.md")}
+    assert set(rows) == {"jt"}
+    for ds in (SYN, "my_ks"):
+        own = {r["model"]: r for r in _md_rows(repo / f"results/datasets/{ds}/tables/T1.md")}
+        assert rows["jt"][f"{ds} Clean"] == own["jt"]["Clean"] and rows["jt"][f"{ds} PGD 0.5"] == own["jt"]["PGD 0.5"]
+
+
+def test_audio_params_rerun_the_audio_stage_alone(repo):
+    _set_params(repo, {"extract": {"audio": {"n_mels": 40}}})  # not the visual one, not the other dataset's
+    out = _repro(repo, f"extract-audio@{SYN}-audio")
+    assert _ran(out.stdout) == {f"extract-audio@{SYN}-audio"}, out.stdout
+    assert np.load(repo / f"data/features/{SYN}/audio/data.npy", mmap_mode="r").shape[1] == 40

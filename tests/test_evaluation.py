@@ -8,7 +8,7 @@ from helpers import tiny_project
 from mmrobust.config import EvaluateCfg
 from mmrobust.evaluation import attack_grid, evaluate_model, headline_metrics, load_trained
 from mmrobust.config import parse_params
-from mmrobust.tables import Arch, arch_of, markdown, pivot, write_tables, _col
+from mmrobust.tables import Arch, arch_of, markdown, pivot, write_across_datasets, write_tables, _col
 from mmrobust.train import fit
 
 CFG = EvaluateCfg(batch_size=2, joint_grid=[0.5, 1.0], uni_grid=[1.0], mgn_sigma=[0.5], mpm_p=[0.3],
@@ -107,6 +107,23 @@ def test_tables_from_fixture_results(tmp_path):
     with open(tmp_path / "T1.csv") as fh:
         used = list(csv.DictReader(fh))
     assert len(used) == 9 and {r["attack"] for r in used} == {"clean", "fgm", "pgd"}
+
+
+def test_combined_t1_has_a_column_group_per_dataset(tmp_path):
+    methods = {"jt": "jt", "crmt_jt": "crmt_jt"}
+    folders = {"syn": tmp_path / "datasets/syn", "ks": tmp_path / "datasets/ks"}
+    write_tables(FIXTURE, folders["syn"] / "tables", 0.5, 1.0, methods)
+    shifted = [dict(r, accuracy=r["accuracy"] - 0.1) for r in FIXTURE if r["model"] != "crmt_jt"]
+    write_tables(shifted, folders["ks"] / "tables", 0.5, 1.0, {"jt": "jt"})
+    index = write_across_datasets(folders, tmp_path, 0.5, methods)
+    t1 = [line for line in (tmp_path / "tables/T1.md").read_text().splitlines() if line.startswith("|")]
+    assert t1[0] == "| model | syn Clean | syn FGM 0.5 | syn PGD 0.5 | ks Clean | ks FGM 0.5 | ks PGD 0.5 |"
+    assert t1[2] == "| jt | 0.800 | 0.500 | 0.400 | 0.700 | 0.400 | 0.300 |"
+    assert t1[3] == "| crmt_jt | 0.900 | 0.600 | 0.500 | – | – | – |"  # not evaluated on ks
+    text = index.read_text()
+    assert "[T1](datasets/ks/tables/T1.md)" in text and "(datasets/syn/README.md)" in text
+    with pytest.raises(FileNotFoundError, match="dvc repro evaluate@new"):
+        write_across_datasets({**folders, "new": tmp_path / "datasets/new"}, tmp_path, 0.5, methods)
 
 
 def test_pivot_marks_missing_measurements():
