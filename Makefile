@@ -27,7 +27,7 @@ $(STAMP): requirements.txt pyproject.toml
 # One local Ray head serves every stage (pipelines/local_cluster.py); RAY_ADDRESS set = use that cluster.
 reproduce: $(STAMP)
 	$(PY) -m pipelines.local_cluster -- dvc repro
-	@echo ">> results: results/README.md (tables, figures), models/, MLflow runs in mlflow.db (make ui)"
+	@echo ">> results: results/README.md (T1 across datasets; links to each dataset's tables and figures), models/<dataset>/, MLflow runs in mlflow.db (make ui)"
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
@@ -36,4 +36,4 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 clean-data:
-	rm -rf data/synthetic data/manifest data/features models results .cache ray_results
+	rm -rf data/synthetic data/manifest data/features plan models tune results .cache ray_results

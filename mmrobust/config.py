@@ -368,6 +368,18 @@ class Params(_Strict):
         params._dataset = name
         return params
 
+    def as_file_dict(self) -> dict:
+        """A params-file mapping that loads back to these params: for params resolved by `for_dataset`, the
+        per-dataset folders go back to their base and data.dataset/root back to the `datasets` entry, so that
+        `parse_params(d).for_dataset(self.dataset_id)` equals `self` (the overrides merge again, unchanged)."""
+        raw = self.model_dump(mode="json")
+        del raw["data"]["dataset"], raw["data"]["root"]
+        if self._dataset is not None:
+            for group in ("data", "extract", "train", "tune"):
+                raw[group]["out_dir"] = Path(raw[group]["out_dir"]).parent.as_posix()
+            raw["evaluate"]["out_dir"] = Path(raw["evaluate"]["out_dir"]).parents[1].as_posix()
+        return raw
+
     @property
     def all_models(self) -> dict[str, ModelEntry]:
         return {**self.models, **self.tuned_models}

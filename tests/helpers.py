@@ -82,7 +82,8 @@ def tiny_data(num_classes: int = 3, modalities=("audio", "visual"), n: int = 24)
 
 
 def tiny_project(root: Path, train: dict | None = None, **groups):
-    """12 real clips (2 classes) ingested and extracted for real into `root`; returns the params for them."""
+    """12 real clips (2 classes) ingested and extracted for real into `root` as dataset `tiny`; returns the params
+    resolved for it (`params.as_file_dict()` is the params file a stage CLI reads)."""
     from mmrobust.config import parse_params
     from mmrobust.data.extract import extract
 
@@ -91,16 +92,17 @@ def tiny_project(root: Path, train: dict | None = None, **groups):
         make_clip(root / "v" / f"c{i}.mp4", seconds=1.5, dx=1 + i % 2, freq=300 + 400 * (i % 2), seed=i)
         split = "train" if i < 6 else ("val" if i < 8 else "test")
         rows.append(dict(clip_id=f"c{i}", path=f"v/c{i}.mp4", label=i % 2, split=split))
-    manifest = write_manifest(root / "manifest", root, rows)
-    write_csv(manifest / "classes.csv", [{"label": 0, "name": "a"}, {"label": 1, "name": "b"}], ["label", "name"])
     params = parse_params({
-        "data": {"out_dir": str(manifest)},
+        "datasets": {"tiny": {"dataset": "ks", "root": str(root)}},
+        "data": {"out_dir": str(root / "manifest")},
         "extract": {"out_dir": str(root / "features"), "timing": {"fps": 2.0, "max_frames": 3},
                     "visual": {"size": 32}, "audio": {"preset": "cpu_fbank", "clip_s": 1.5, "frames": 60}},
         "train": {"epochs": 2, "batch_size": 4, "model": {"width": 2}, "storage_dir": str(root / "ray"),
                   "out_dir": str(root / "models"), **(train or {})},
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
-        **groups})
+        **groups}).for_dataset("tiny")
+    manifest = write_manifest(Path(params.data.out_dir), root, rows)
+    write_csv(manifest / "classes.csv", [{"label": 0, "name": "a"}, {"label": 1, "name": "b"}], ["label", "name"])
     for m in ("visual", "audio"):
         extract(m, params.extract, manifest, progress=False)
     return params

@@ -124,3 +124,12 @@ def test_data_root_in_the_file_points_to_datasets(tmp_path):
     old.write_text("data:\n  dataset: ks\n  root: /data/ks\n")
     with pytest.raises(ConfigError, match="data.dataset: datasets are listed under `datasets:`"):
         load_params(old)
+
+
+def test_as_file_dict_loads_back_to_the_same_params(tmp_path):
+    ucf = parse_params(TWO).for_dataset("ucf").for_model("jt")
+    file = tmp_path / "params.yaml"
+    file.write_text(yaml.safe_dump(ucf.as_file_dict()))
+    again = load_params(file).for_dataset("ucf")
+    assert again.model_dump() == ucf.model_dump() and again.extract.out_dir == "data/features/ucf"
+    assert parse_params(ucf.as_file_dict()).extract.out_dir == "data/features"

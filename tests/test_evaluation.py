@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     params = tiny_project(root, {"method": "crmt_jt"}, crmt={"step2_epochs": 1})
     metrics = fit(params, out_dir=root / "models" / "crmt_jt", log=lambda *_: None)
-    return root / "models" / "crmt_jt" / "model.pt", metrics
+    return root / "models" / "crmt_jt" / "model.pt", metrics, params
 
 
 def test_attack_grid_covers_every_table_once():
@@ -40,7 +40,7 @@ def test_attack_grid_covers_every_table_once():
 
 
 def test_loaded_model_predicts_like_the_trained_one(trained):
-    path, metrics = trained
+    path, metrics, _ = trained
     predictor, params, ckpt = load_trained(path)
     assert ckpt["method"] == "crmt_jt" and params.crmt.step2_epochs == 1
     w = predictor.model.head.uni_weight("audio")
@@ -51,7 +51,7 @@ def test_loaded_model_predicts_like_the_trained_one(trained):
 
 
 def test_attacks_never_beat_clean_and_grow_with_eps(trained, tmp_path):
-    path, _ = trained
+    path, _, _ = trained
     rows = evaluate_model(path, "m", CFG, tmp_path, log=lambda *_: None)
     acc = {(r["attack"], r["modality"], r["eps"]): r["accuracy"] for r in rows}
     clean = acc[("clean", "all", 0.0)]
@@ -69,7 +69,7 @@ def test_attacks_never_beat_clean_and_grow_with_eps(trained, tmp_path):
 
 
 def test_evaluation_resumes_after_interruption(trained, tmp_path):
-    path, _ = trained
+    path, _, _ = trained
     cache = tmp_path / "cache"
     assert evaluate_model(path, "m", CFG, cache, stop_after=1, log=lambda *_: None) == []  # "killed" after 1 batch
     lines = (cache / "m.jsonl").read_text().splitlines()
@@ -196,8 +196,8 @@ def test_killed_evaluation_stage_resumes_where_it_stopped(trained, tmp_path):
     import time
 
     import yaml
-    path, _ = trained
-    raw = torch.load(path, weights_only=False)["config"]
+    path, _, params = trained
+    raw = params.as_file_dict()
     raw["models"] = {"crmt_jt": {"method": "crmt_jt", "group": "crmt"}}
     raw["tuned_models"] = {}
     raw["evaluate"] = {**CFG.model_dump(mode="json"), "batch_size": 1, "pgd_steps": 10, "out_dir": "results",
@@ -211,7 +211,7 @@ def test_killed_evaluation_stage_resumes_where_it_stopped(trained, tmp_path):
                                  "--models-dir", str(path.parents[1])], cwd=cwd, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
 
-    cache = tmp_path / "run" / ".cache" / "eval" / "crmt_jt.jsonl"
+    cache = tmp_path / "run" / ".cache" / "eval" / "tiny" / "crmt_jt.jsonl"
     proc = stage(tmp_path / "run")
     deadline = time.time() + 300
     while not (cache.exists() and cache.read_text().count("\n") >= 1):
@@ -221,7 +221,7 @@ def test_killed_evaluation_stage_resumes_where_it_stopped(trained, tmp_path):
     proc.wait()
     done = cache.read_text().count("\n")
     assert 1 <= done < 4, done  # 4 test clips, one per batch
-    assert not (tmp_path / "run" / "results" / "tables").exists()  # nothing half-written that looks complete
+    assert not (tmp_path / "run" / "results/datasets/tiny/tables").exists()  # nothing half-written that looks complete
     resumed = stage(tmp_path / "run")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
@@ -230,4 +230,5 @@ def test_killed_evaluation_stage_resumes_where_it_stopped(trained, tmp_path):
     out_fresh, _ = fresh.communicate(timeout=600)
     assert fresh.returncode == 0, out_fresh
     for name in ("measurements.csv", "tables/T1.csv", "tables/CA.csv", "metrics.json"):
-        assert (tmp_path / "run" / "results" / name).read_text() == (tmp_path / "fresh" / "results" / name).read_text()
+        own = "results/datasets/tiny/" + name
+        assert (tmp_path / "run" / own).read_text() == (tmp_path / "fresh" / own).read_text()

@@ -333,14 +333,14 @@ def test_out_dir_argument_overrides_cfg(tmp_path):
 
 # ---------------------------------------------------------------- CLI
 def test_cli_bad_params_exits_2(tmp_path, capsys):
-    params = write(tmp_path / "params.yaml", "data: {dataset: nope}\n")
+    params = write(tmp_path / "params.yaml", "datasets: {mine: {dataset: nope, root: .}}\n")
     assert main(["--params", str(params)]) == 2
     err = capsys.readouterr().err
-    assert "data.dataset" in err and "'ucf101'" in err and "'nope'" in err
+    assert "datasets.mine.dataset" in err and "'ucf101'" in err and "'nope'" in err
 
 
 def test_cli_ingest_error_exits_2(tmp_path, capsys):
-    params = write(tmp_path / "params.yaml", f"data: {{root: {tmp_path / 'nowhere'}}}\n")
+    params = write(tmp_path / "params.yaml", f"datasets: {{ks: {{dataset: ks, root: {tmp_path / 'nowhere'}}}}}\n")
     assert main(["--params", str(params)]) == 2
     assert "root not found" in capsys.readouterr().err
 
@@ -349,9 +349,10 @@ def test_cli_success_prints_summary(tmp_path):
     root = make_ks(tmp_path / "ks", {"a": 0, "b": 1}, {"c": 0})
     write(root / "train.txt", "a 0\nb 1\nbroken\n")
     params = write(tmp_path / "params.yaml",
-                   f"data: {{dataset: ks, root: {root}, out_dir: {tmp_path / 'm'}, val_fraction: 0}}\n")
+                   f"datasets: {{mine: {{dataset: ks, root: {root}}}}}\n"
+                   f"data: {{out_dir: {tmp_path / 'm'}, val_fraction: 0}}\n")
     proc = subprocess.run([sys.executable, "-m", "stages.ingest", "--params", str(params)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "train 2, val 0, test 1; 1 rejected" in proc.stdout
-    assert "train.txt:3: malformed" in proc.stdout and str(tmp_path / "m") in proc.stdout
+    assert "train.txt:3: malformed" in proc.stdout and str(tmp_path / "m" / "mine") in proc.stdout

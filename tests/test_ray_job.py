@@ -19,7 +19,7 @@ def test_ray_job_submit_trains_and_logs_to_the_tracking_server(tmp_path):
     params = tiny_project(tmp_path, {"epochs": 2}, models={"jt": {"method": "jt", "group": "train"}})
     job_dir = tmp_path / "job"  # what --working-dir uploads: just the params (absolute data paths inside)
     job_dir.mkdir()
-    (job_dir / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    (job_dir / "params.yaml").write_text(yaml.safe_dump(params.as_file_dict(), sort_keys=False))
     out = tmp_path / "shared" / "models" / "jt"
     dashboard = _free_port()
     head, _ = start_head(num_cpus=2, dashboard_port=dashboard)

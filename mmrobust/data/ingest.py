@@ -1,6 +1,6 @@
 """Ingest a user's dataset layout into one validated manifest (the only input the extraction stage reads).
 
-Layouts, all paths relative to `data.root` (names in <> are `data.<layout>` settings):
+Layouts, all paths relative to the dataset's root (`datasets.<id>.root`; names in <> are `data.<layout>` settings):
 
 - `ks` and `synthetic` (Kinetics-Sounds): `<train_list>`, `<test_list>` with lines `<name> <label>` (int label);
   video `<video_dir>/<name>.mp4`. Optional `<classes_file>` with lines `<id> <name>` (ids exactly 0..K-1)
@@ -342,7 +342,7 @@ def _carve_val(clips: list[_Clip], frac: float, seed: int) -> None:
 def _root(cfg: DataCfg) -> Path:
     root = Path(cfg.root)
     if not root.is_dir():
-        raise IngestError(f"{root}: dataset root not found (data.root)")
+        raise IngestError(f"{root}: dataset root not found (the `root` of its entry in `datasets:`)")
     return root.resolve()
 
 
