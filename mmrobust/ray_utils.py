@@ -20,6 +20,19 @@ for _key, _value in CLUSTER_ENV.items():
     os.environ.setdefault(_key, _value)
 
 
+def quiet_worker_logs() -> None:
+    """Runs in every worker process of our jobs (`worker_process_setup_hook`). Train's PlacementGroupCleaner
+    polls the State API each second and, on a head without the dashboard (ours, to start faster), warns each
+    time that it cannot reach it; the placement group is still removed when the run ends."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+# merged with a job's own runtime env (`ray job submit --runtime-env-json`): no key in common
+RUNTIME_ENV = {"worker_process_setup_hook": "mmrobust.ray_utils.quiet_worker_logs"}
+
+
 @contextmanager
 def ray_session(num_cpus: int | None = None, log=print) -> Iterator[None]:
     import ray
@@ -29,13 +42,13 @@ def ray_session(num_cpus: int | None = None, log=print) -> Iterator[None]:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=RUNTIME_ENV)
         log(f"ray: connected to {address}")
     else:
         tmp = Path(tempfile.gettempdir()) / "mmrobust-ray"
         tmp.mkdir(parents=True, exist_ok=True)
         # address="local": always a fresh cluster, never a stale one recorded in the temp dir
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=RUNTIME_ENV,
                  _temp_dir=str(tmp), log_to_driver=True, configure_logging=True, logging_level="WARNING")
         log(f"ray: started a local cluster ({num_cpus or os.cpu_count()} CPUs); set RAY_ADDRESS to use yours")
     try:
