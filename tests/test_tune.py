@@ -2,6 +2,8 @@
 trials table, one MLflow parent run with a child run per trial (through a local tracking server), and a
 tuned model that trains with the best params."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -23,7 +25,9 @@ def test_asha_search_writes_best_params_and_parent_child_runs(ray_cluster, tmp_p
                           tuned_models={"crmt_tuned": {"method": "crmt_jt", "group": "crmt"}})
     summary = tune_method(params, tmp_path, log=lambda *_: None)
 
-    rows = read_csv(tmp_path / "tune" / "trials.csv")
+    out = Path(params.tune.out_dir)  # <tune.out_dir>/<dataset>
+    assert out == tmp_path / "tune" / "tiny"
+    rows = read_csv(out / "trials.csv")
     assert len(rows) == 4 and summary["trials"] == 4 and summary["failed"] == 0
     for r in rows:
         assert r["status"] in ("completed", "stopped") and int(r["epochs"]) >= 1
@@ -34,7 +38,7 @@ def test_asha_search_writes_best_params_and_parent_child_runs(ray_cluster, tmp_p
     assert summary[METRIC] == max(float(r[METRIC]) for r in rows)
     best_row = next(r for r in rows if r["trial_id"] == summary["best_trial"])
 
-    best = yaml.safe_load((tmp_path / "tune" / "best_params.yaml").read_text())
+    best = yaml.safe_load((out / "best_params.yaml").read_text())
     assert set(best) == {"crmt"} and set(best["crmt"]) == {"rho", "iterations"}
     assert best["crmt"]["rho"] == pytest.approx(float(best_row["crmt.rho"]))
     tuned = params.for_model("crmt_tuned")
