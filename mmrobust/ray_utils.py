@@ -15,6 +15,9 @@ CLUSTER_ENV = {
     # The Train controller notices a finished worker group at its next health check (default every 2 s, which
     # adds ~4 s to every short run here). Workers inherit this from the cluster that this process starts.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Train routes a worker's print() to its logger and, once anything has wrapped sys.stdout (MLflow does),
+    # also to the original print: every epoch line reached the driver twice. Plain prints, once.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 for _key, _value in CLUSTER_ENV.items():
     os.environ.setdefault(_key, _value)
