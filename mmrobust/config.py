@@ -343,6 +343,11 @@ class Params(_Strict):
         """The `datasets` id these params were resolved for (None: not resolved, paths are the base folders)."""
         return self._dataset
 
+    @property
+    def dataset_name(self) -> str:
+        """What runs and measurements are labelled with: the `datasets` id, else (unresolved params) the layout."""
+        return self._dataset or self.data.dataset
+
     def for_dataset(self, name: str | None = None) -> "Params":
         """The params of one dataset: data.dataset/root from its entry, its overrides merged, and every
         output folder one level deeper: <data.out_dir>/<id>, <extract.out_dir>/<id>, <train.out_dir>/<id>,

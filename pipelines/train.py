@@ -155,10 +155,9 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
     if run_id is None:
         label = model_id or method
-        run = c.create_run(exp, run_name=f"{label}@{params.dataset_id}" if params.dataset_id else label, tags={"method": method, "model_id": model_id or method,
-                                                                  "dataset": params.dataset_id or params.data.dataset,
-                                                      "model": f"{cfg.model.encoder}-w{cfg.model.width}",
-                                                      "ray_run": name})
+        run = c.create_run(exp, run_name=f"{label}@{params.dataset_name}",
+                           tags={"method": method, "model_id": label, "dataset": params.dataset_name,
+                                 "model": f"{cfg.model.encoder}-w{cfg.model.width}", "ray_run": name})
         run_id = run.info.run_id
         tracking.log_params(c, run_id, tracking.flatten(params.model_dump(mode="json")))
         with atomic_file(run_file) as fh:

@@ -101,7 +101,7 @@ def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
     t0 = time.perf_counter()
     with tracking.concurrent_writers(uri, base / "mlartifacts") as server_uri:
         c = tracking.client(server_uri)
-        dataset = params.dataset_id or params.data.dataset
+        dataset = params.dataset_name
         parent = c.create_run(experiment, run_name=f"tune-{cfg.base.method}@{dataset}",
                               tags={"method": cfg.base.method, "dataset": dataset, "tune": "asha"})
         parent_id = parent.info.run_id
