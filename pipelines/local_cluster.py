@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mmrobust.ray_utils import CLUSTER_ENV
+from mmrobust.ray_utils import CLUSTER_ENV, STARTED_HEAD
 
 
 def _free_port() -> int:
@@ -61,12 +61,16 @@ def start_head(num_cpus: int | None = None, timeout: float = 120.0, dashboard_po
     raise TimeoutError(f"ray head on {address} did not come up in {timeout:.0f} s")
 
 
-def stop_head(proc: subprocess.Popen) -> None:
-    # `ray start --block` shuts its cluster down cleanly on SIGINT (in about a second); SIGTERM can hang.
-    for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+def stop_head(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGINT lets `ray start --block` shut its cluster down (about a second when idle); after a long pipeline it
+    sometimes waited 30 s and more, and SIGTERM drains for up to 30 s: the rest of the group is then killed. Nothing
+    runs on the head by now, and the group is this head's alone."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
             proc.wait(timeout=wait)
+            if sig == signal.SIGINT:
+                os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (idle workers), if any
             return
         except ProcessLookupError:
             return
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     proc, address = start_head()
     print(f"ray: local head at {address} for `{' '.join(argv)}`", flush=True)
     try:
-        return subprocess.call(argv, env={**os.environ, "RAY_ADDRESS": address})
+        return subprocess.call(argv, env={**os.environ, "RAY_ADDRESS": address, STARTED_HEAD: address})
     finally:
         stop_head(proc)
         print("ray: local head stopped", flush=True)

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -65,6 +66,9 @@ def train_loop_per_worker(config: dict) -> None:
     params = parse_params(config["params"], "train_loop_config")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    # importing MLflow and opening its store takes seconds: done beside model building and the first epoch
+    mlflow = (ThreadPoolExecutor(1).submit(tracking.client, config["tracking_uri"])
+              if rank == 0 and config.get("run_id") else None)
     trainer = Trainer(params, config["method"])
     start = 0
     ckpt = ray.train.get_checkpoint()
@@ -72,7 +76,6 @@ def train_loop_per_worker(config: dict) -> None:
         with ckpt.as_directory() as d:
             start = trainer.load_state_dict(torch.load(Path(d) / CKPT, weights_only=False))
         print(f"[{config['method']}] rank {rank}: resumed from epoch {start}", flush=True)
-    mlflow = tracking.client(config["tracking_uri"]) if rank == 0 and config.get("run_id") else None
     objective = config.get("objective")  # {eps, steps, step_ratio}: report val_pgd_acc each epoch (tuning)
     fail_at = config.get("fail_at_epoch")
     marker = Path(config["fault_marker"]) if config.get("fault_marker") else None
@@ -95,7 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["epochs_total"] = trainer.epochs
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if mlflow is not None:
-            tracking.log_metrics(mlflow, config["run_id"], numeric, step=epoch)
+            tracking.log_metrics(mlflow.result(), config["run_id"], numeric, step=epoch)
         eta = (time.perf_counter() - t0) / (epoch + 1 - start) * (trainer.epochs - epoch - 1)
         if rank == 0:
             print(f"[{trainer.method.name}] epoch {epoch + 1}/{trainer.epochs} ({metrics['phase']}) "
@@ -140,28 +143,44 @@ def torch_trainer(params: Params, name: str, loop_config: dict, storage_dir: str
     )
 
 
-def train_method(params: Params, method: str, out_dir: str | Path, base: Path = Path("."),
-                 fail_at_epoch: int | None = None, model_id: str | None = None, log=print) -> dict:
-    import shutil
-
+def open_run(params: Params, method: str, out_dir: str | Path, base: Path = Path("."),
+             model_id: str | None = None) -> tuple[str, str, str]:
+    """The MLflow run of this training: (tracking uri, experiment id, run id). A run interrupted as a whole is
+    resumed under the same run id (its id waits in a file beside the output folder until the run finishes)."""
     params = absolute_paths(params, base)
-    cfg = params.train
-    name = run_name(method, params)
     uri = tracking.resolve_uri(params.tracking.uri, base)
     c = tracking.client(uri)
     exp = tracking.experiment_id(uri, params.tracking.experiment)
+    run_file = _run_file(Path(out_dir))
+    if run_file.exists():
+        return uri, exp, json.loads(run_file.read_text())["run_id"]
+    label, cfg = model_id or method, params.train
+    run = c.create_run(exp, run_name=f"{label}@{params.dataset_name}",
+                       tags={"method": method, "model_id": label, "dataset": params.dataset_name,
+                             "model": f"{cfg.model.encoder}-w{cfg.model.width}", "ray_run": run_name(method, params)})
+    tracking.log_params(c, run.info.run_id, tracking.flatten(params.model_dump(mode="json")))
+    with atomic_file(run_file) as fh:
+        json.dump({"run_id": run.info.run_id}, fh)
+    return uri, exp, run.info.run_id
+
+
+def _run_file(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.mlflow_run.json"  # survives an interrupted stage
+
+
+def train_method(params: Params, method: str, out_dir: str | Path, base: Path = Path("."),
+                 fail_at_epoch: int | None = None, model_id: str | None = None, log=print,
+                 run: Future | None = None) -> dict:
+    """Train one model with Ray Train; `run`: `open_run`'s result when the caller started it already (the
+    stage CLI opens the MLflow run while it connects to Ray)."""
+    import shutil
+
+    uri, exp, run_id = run.result() if run is not None else open_run(params, method, out_dir, base, model_id)
+    params = absolute_paths(params, base)
+    cfg = params.train
+    name = run_name(method, params)
+    c = tracking.client(uri)
     out_dir = Path(out_dir)
-    run_file = out_dir.parent / f".{out_dir.name}.mlflow_run.json"  # survives an interrupted stage
-    run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
-    if run_id is None:
-        label = model_id or method
-        run = c.create_run(exp, run_name=f"{label}@{params.dataset_name}",
-                           tags={"method": method, "model_id": label, "dataset": params.dataset_name,
-                                 "model": f"{cfg.model.encoder}-w{cfg.model.width}", "ray_run": name})
-        run_id = run.info.run_id
-        tracking.log_params(c, run_id, tracking.flatten(params.model_dump(mode="json")))
-        with atomic_file(run_file) as fh:
-            json.dump({"run_id": run_id}, fh)
     trainer = torch_trainer(params, name, {"method": method, "run_id": run_id, "tracking_uri": uri,
                                            "fail_at_epoch": fail_at_epoch,
                                            "fault_marker": str(Path(cfg.storage_dir) / name / ".fault_injected")})
@@ -180,7 +199,7 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     c.log_artifact(run_id, str(out_dir / "metrics.json"))
     c.log_artifact(run_id, str(out_dir / "model.pt"), "checkpoint")
     c.set_terminated(run_id)
-    run_file.unlink(missing_ok=True)
+    _run_file(out_dir).unlink(missing_ok=True)
     shutil.rmtree(Path(cfg.storage_dir) / name, ignore_errors=True)  # finished: the next run starts fresh
     log(f"[{model_id or method}] test acc {metrics.get('test_acc', float('nan')):.3f}; model -> {out_dir / 'model.pt'}; "
         f"MLflow run {run_id} at {uri}")
@@ -211,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     method = args.method or params.train.method
     out = Path(args.out or Path(params.train.out_dir) / (args.model or method))
+    run = ThreadPoolExecutor(1).submit(open_run, params, method, out, Path.cwd(), args.model or method)
     with ray_session():
-        train_method(params, method, out, Path.cwd(), args.fail_at_epoch, model_id=args.model or method)
+        train_method(params, method, out, Path.cwd(), args.fail_at_epoch, model_id=args.model or method, run=run)
     return 0
 
 

@@ -23,7 +23,7 @@ TINY = {
                  "size": 32},
     "extract": {"workers": 2, "timing": {"fps": 2.0, "max_frames": 4}, "visual": {"size": 32},
                 "audio": {"preset": "cpu_fbank", "clip_s": 2.0, "frames": 100}},
-    "train": {"epochs": 2, "batch_size": 8, "model": {"width": 2}},
+    "train": {"epochs": 2, "batch_size": 8, "model": {"width": 2}, "num_workers": 1, "cpus_per_worker": 1.0},
     "crmt": {"step2_epochs": 1},
     # a 1-trial search over JT's learning rate (tests/test_tune.py runs a real ASHA search): the tune stage
     # depends on `train`, not on `crmt`
