@@ -299,6 +299,7 @@ class EvaluateCfg(_Strict):
     batch_size: int = Field(64, ge=1, le=4096)
     max_samples: Optional[int] = Field(None, ge=1, description="evaluate the first N test clips only")
     seed: int = 2024
+    workers: int = Field(2, ge=1, le=256, description="models evaluated at once, each in a process of its own")
     joint_eps: float = Field(0.5, ge=0, description="paper T1: joint FGM / l2-PGD radius")
     uni_eps: float = Field(1.0, ge=0, description="paper T2: uni-modal radius")
     joint_grid: list[float] = [0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]  # T11 / F5 attack sizes

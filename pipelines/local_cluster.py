@@ -6,6 +6,10 @@ Every stage then connects through RAY_ADDRESS instead of starting and stopping a
 seconds per stage). If RAY_ADDRESS is already set, the command runs against that cluster and nothing is
 started. The head runs in its own process group (`ray start --block`) and that group alone is stopped at the
 end, so other Ray clusters on the machine are left alone.
+
+Beside the head runs a warm driver (`pipelines/warm_driver.py`, unless `--no-warm-driver`): one long-lived Ray
+driver that runs every training stage's `main()`, so that each stage skips the imports, the connection and the
+first-fit costs of a new Ray job (~10 s per stage, measured in docs/decisions.md).
 """
 from __future__ import annotations
 
@@ -78,20 +82,62 @@ def stop_head(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
+def start_warm_driver(env: dict, timeout: float = 60.0) -> tuple[subprocess.Popen | None, str | None]:
+    """`python -m pipelines.warm_driver` on a socket beside the head's logs, as soon as it listens (it goes on
+    loading torch and Ray; an early stage waits in its backlog); (None, None) and a note if it does not listen
+    (the stages then run in their own processes)."""
+    from pipelines.warm_driver import ENV_VAR
+
+    path = str(Path(tempfile.gettempdir()) / "mmrobust-ray" / f"warm-{os.getpid()}.sock")
+    log = open(Path(path).with_suffix(".log"), "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.warm_driver", "--socket", path],
+                            env={k: v for k, v in env.items() if k != ENV_VAR}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path):
+            return proc, path
+        time.sleep(0.2)
+    print(f"ray: the warm driver did not start (see {log.name}); each stage runs in its own process", flush=True)
+    stop_warm_driver(proc)
+    return None, None
+
+
+def stop_warm_driver(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)  # idle by now: it disconnects from Ray and exits
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
+    warm = not (argv and argv[0] == "--no-warm-driver")
+    if not warm:
+        argv = argv[2:] if argv[1:2] == ["--"] else argv[1:]
     if not argv:
-        print("usage: python -m pipelines.local_cluster -- COMMAND...", file=sys.stderr)
+        print("usage: python -m pipelines.local_cluster [--no-warm-driver] -- COMMAND...", file=sys.stderr)
         return 2
     if os.environ.get("RAY_ADDRESS"):
         return subprocess.call(argv)
+    from pipelines.warm_driver import ENV_VAR
+
     proc, address = start_head()
-    print(f"ray: local head at {address} for `{' '.join(argv)}`", flush=True)
+    env = {**os.environ, "RAY_ADDRESS": address, STARTED_HEAD: address}
+    driver, path = start_warm_driver(env) if warm else (None, None)
+    if path:
+        env[ENV_VAR] = path
+    print(f"ray: local head at {address}{' and a warm driver' if path else ''} for `{' '.join(argv)}`", flush=True)
     try:
-        return subprocess.call(argv, env={**os.environ, "RAY_ADDRESS": address, STARTED_HEAD: address})
+        return subprocess.call(argv, env=env)
     finally:
+        stop_warm_driver(driver)
         stop_head(proc)
         print("ray: local head stopped", flush=True)
 

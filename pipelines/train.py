@@ -22,8 +22,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from mmrobust.config import ConfigError, Params, load_params, parse_params
 from mmrobust.io import atomic_file, write_json
 from mmrobust.plan import apply_plan
@@ -59,6 +57,7 @@ def _quiet_reports() -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; torch.distributed is already initialised when num_workers > 1."""
     import ray.train
+    import torch
 
     from mmrobust.train import Trainer
 
@@ -175,6 +174,8 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     stage CLI opens the MLflow run while it connects to Ray)."""
     import shutil
 
+    import torch
+
     uri, exp, run_id = run.result() if run is not None else open_run(params, method, out_dir, base, model_id)
     params = absolute_paths(params, base)
     cfg = params.train
@@ -237,4 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.warm_driver import forward  # a warm driver (make reproduce) runs it; else this process
+
+    status = forward("pipelines.train", sys.argv[1:])
+    sys.exit(main() if status is None else status)

@@ -30,7 +30,7 @@ TINY = {
     "tune": {"base": {"method": "jt", "group": "train"}, "num_samples": 1, "grace_period": 1, "pgd_steps": 2,
              "space": {"train.lr": {"dist": "loguniform", "low": 0.001, "high": 0.1}}},
     "evaluate": {"batch_size": 8, "joint_grid": [0.5], "uni_grid": [1.0], "mgn_sigma": [0.5], "mpm_p": [0.3],
-                 "mea_steps": 2},
+                 "mea_steps": 2, "workers": 1},  # tests/test_evaluation.py runs the parallel path
 }
 MODELS = {"jt": {"method": "jt", "group": "train"}, "crmt_jt": {"method": "crmt_jt", "group": "crmt"}}
 TUNED = {"jt_tuned": {"method": "jt", "group": "train"}}
@@ -89,6 +89,10 @@ def test_repro_outputs_noop_and_partial_rerun(repo):
     first = _repro(repo)
     assert _ran(first.stdout) == DATA_STAGES | {f"train@{SYN}-jt", f"train@{SYN}-crmt_jt", f"tune@{SYN}",
                                                 f"train-tuned@{SYN}-jt_tuned", f"evaluate@{SYN}", "tables"}, first.stdout
+    # every training stage ran in local_cluster's warm driver (one process), the search in its own
+    drivers = {line.split("warm driver pid ")[1].split(":")[0] for line in first.stdout.splitlines()
+               if "(warm driver pid " in line}
+    assert len(drivers) == 1 and first.stdout.count("(warm driver pid ") == 3, first.stdout
     visual = np.load(repo / f"data/features/{SYN}/visual/data.npy", mmap_mode="r")
     audio = np.load(repo / f"data/features/{SYN}/audio/data.npy", mmap_mode="r")
     clips = read_csv(repo / f"data/manifest/{SYN}/clips.csv")

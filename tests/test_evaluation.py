@@ -6,7 +6,7 @@ import torch
 
 from helpers import tiny_project
 from mmrobust.config import EvaluateCfg
-from mmrobust.evaluation import attack_grid, evaluate_model, headline_metrics, load_trained
+from mmrobust.evaluation import attack_grid, evaluate_model, evaluate_models, headline_metrics, load_trained
 from mmrobust.config import parse_params
 from mmrobust.tables import Arch, arch_of, markdown, pivot, write_across_datasets, write_tables, _col
 from mmrobust.train import fit
@@ -66,6 +66,37 @@ def test_attacks_never_beat_clean_and_grow_with_eps(trained, tmp_path):
     assert ca[0][1] <= clean and all(a >= b for (_, a), (_, b) in zip(ca, ca[1:]))
     for eps, value in ca[1:]:
         assert value <= min(acc[(a, "all", eps)] for a in ("fgm", "pgd") if (a, "all", eps) in acc)
+
+
+def test_models_in_parallel_processes_match_the_serial_run(trained, tmp_path):
+    """evaluate.workers 2: the models go to two single-threaded processes; same rows, in the order of the ids,
+    as one after another in this process (also single-threaded, so the arithmetic is the same); a broken model
+    is named."""
+    import shutil
+
+    path, _, _ = trained
+    models = tmp_path / "models"
+    for mid in ("a", "b"):
+        (models / mid).mkdir(parents=True)
+        shutil.copy(path, models / mid / "model.pt")
+    cfg = CFG.model_copy(update={"joint_grid_models": ["a"], "uni_grid_models": [], "certify_models": []})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = evaluate_models(["a", "b"], models, cfg.model_copy(update={"workers": 1}), tmp_path / "c1", "tiny",
+                                 log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    messages = []
+    parallel = evaluate_models(["a", "b"], models, cfg.model_copy(update={"workers": 2}), tmp_path / "c2", "tiny",
+                               log=messages.append)
+    assert [{r["model"] for r in rows} for rows in parallel] == [{"a"}, {"b"}]
+    assert len(parallel[0]) > len(parallel[1])  # only "a" has the joint radius grid
+    assert parallel == serial
+    assert "[evaluate] 2 models, 2 at a time (one process and one torch thread each)" in messages
+    (models / "b" / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="evaluating model b failed"):
+        evaluate_models(["a", "b"], models, cfg, tmp_path / "c3", "tiny", log=lambda *_: None)
 
 
 def test_evaluation_resumes_after_interruption(trained, tmp_path):
