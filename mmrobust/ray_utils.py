@@ -25,7 +25,10 @@ TRAIN_ENV = {
     # also to the original print: every epoch line reached the driver twice. Plain prints, once.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
-CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", **TRAIN_ENV}
+# Only on the one-machine clusters we start: no spot-instance preemption to watch for there, and Train's watcher
+# actor logs a Ray-internal error line ("constructor arguments in the object store and max_restarts > 0") per run.
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", **TRAIN_ENV, **LOCAL_ENV}
 # local_cluster sets this to the address of the head it started with CLUSTER_ENV
 STARTED_HEAD = "MMROBUST_RAY_HEAD"
 
@@ -60,7 +63,7 @@ def ray_session(num_cpus: int | None = None, log=print) -> Iterator[None]:
     else:
         tmp = Path(tempfile.gettempdir()) / "mmrobust-ray"
         tmp.mkdir(parents=True, exist_ok=True)
-        added = {k: v for k, v in TRAIN_ENV.items() if k not in os.environ}
+        added = {k: v for k, v in {**TRAIN_ENV, **LOCAL_ENV}.items() if k not in os.environ}
         os.environ.update(added)  # inherited by the cluster's processes, then out of this driver's environment
         try:
             # address="local": always a fresh cluster, never a stale one recorded in the temp dir
