@@ -45,6 +45,7 @@ class GenerateCfg(_Strict):
     sample_rate: int = Field(16000, ge=8000, le=48000)
     audio: SyntheticAudio = SyntheticAudio()
     visual: SyntheticVisual = SyntheticVisual()
+    workers: int = Field(1, ge=1, le=64)  # processes writing clips; the files do not depend on it
 
     @model_validator(mode="after")
     def _even_size(self):

@@ -195,10 +195,11 @@ def _single_threaded() -> None:
 
 
 def evaluate_models(ids: list[str], models_dir: str | Path, cfg: EvaluateCfg, cache_dir: str | Path,
-                    dataset: str | None, log=print) -> list[list[dict]]:
-    """`evaluate_model` of every id, in order. With `cfg.workers` > 1 the models are spread over that many
-    processes of one torch thread each: the batches here are small, and two single-threaded processes go faster
-    than one process with two threads (bench/evaluate.py)."""
+                    dataset: str | None, log=print, costs: dict[str, float] | None = None) -> list[list[dict]]:
+    """`evaluate_model` of every id; the rows come back in the order of `ids`. With `cfg.workers` > 1 the models
+    are spread over that many processes of one torch thread each (the batches here are small, and two
+    single-threaded processes go faster than one process with two threads: bench/evaluate.py), the most costly
+    first by `costs` (estimates), so that no long model starts last and runs alone."""
     paths = [Path(models_dir) / mid / "model.pt" for mid in ids]
     workers = min(cfg.workers, len(ids))
     if workers <= 1:
@@ -213,8 +214,9 @@ def evaluate_models(ids: list[str], models_dir: str | Path, cfg: EvaluateCfg, ca
     log(f"[evaluate] {len(ids)} models, {workers} at a time (one process and one torch thread each)")
     # spawn, not fork: this process has torch's thread pools running already
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_single_threaded) as pool:
-        futures = {pool.submit(evaluate_model, path, mid, cfg, cache_dir, dataset=dataset): mid
-                   for mid, path in zip(ids, paths)}
+        order = sorted(range(len(ids)), key=lambda i: -(costs or {}).get(ids[i], 1.0))  # stable: ties in order
+        futures = {pool.submit(evaluate_model, paths[i], ids[i], cfg, cache_dir, dataset=dataset): ids[i]
+                   for i in order}
         try:
             for done, future in enumerate(as_completed(futures), 1):
                 try:
@@ -225,7 +227,19 @@ def evaluate_models(ids: list[str], models_dir: str | Path, cfg: EvaluateCfg, ca
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # the models not started yet
             raise
-        return [f.result() for f in futures]
+        rows = {mid: f.result() for f, mid in futures.items()}
+        return [rows[mid] for mid in ids]
+
+
+def evaluation_costs(params: Params, ids: list[str]) -> dict[str, float]:
+    """Estimated relative cost of evaluating each model: its number of measurements times its method's
+    `predict_cost`."""
+    from mmrobust.methods import METHODS
+
+    cfg, modalities = params.evaluate, params.train.modalities or params.extract.modalities
+    return {mid: METHODS[params.all_models[mid].method].predict_cost
+            * len(attack_grid(cfg, modalities, mid in cfg.joint_grid_models, mid in cfg.uni_grid_models))
+            for mid in ids}
 
 
 def evaluate_all(params: Params, models_dir: str | Path = "models", cache_dir: str | Path = ".cache/eval",
@@ -239,8 +253,8 @@ def evaluate_all(params: Params, models_dir: str | Path = "models", cache_dir: s
     missing = [m for m in ids if not (Path(models_dir) / m / "model.pt").exists()]
     if missing:
         raise FileNotFoundError(f"no trained model for {missing} under {models_dir}/ (run the train stages first)")
-    rows = [r for mid_rows in evaluate_models(ids, models_dir, cfg, cache_dir, params.dataset_id, log)
-            for r in mid_rows]
+    rows = [r for mid_rows in evaluate_models(ids, models_dir, cfg, cache_dir, params.dataset_id, log,
+                                              evaluation_costs(params, ids)) for r in mid_rows]
     methods = {mid: next(r["method"] for r in rows if r["model"] == mid) for mid in ids}
     archs = {mid: model_arch(Path(models_dir) / mid / "model.pt") for mid in ids}
     out = Path(cfg.out_dir)

@@ -1,5 +1,6 @@
 """Evaluation stage: attack grid, resumable per-batch cache, tables from a fixture results file."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_models_in_parallel_processes_match_the_serial_run(trained, tmp_path):
         torch.set_num_threads(threads)
     messages = []
     parallel = evaluate_models(["a", "b"], models, cfg.model_copy(update={"workers": 2}), tmp_path / "c2", "tiny",
-                               log=messages.append)
+                               log=messages.append, costs={"b": 9.0})  # b is submitted first
     assert [{r["model"] for r in rows} for rows in parallel] == [{"a"}, {"b"}]
     assert len(parallel[0]) > len(parallel[1])  # only "a" has the joint radius grid
     assert parallel == serial
@@ -97,6 +98,18 @@ def test_models_in_parallel_processes_match_the_serial_run(trained, tmp_path):
     (models / "b" / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="evaluating model b failed"):
         evaluate_models(["a", "b"], models, cfg, tmp_path / "c3", "tiny", log=lambda *_: None)
+
+
+def test_evaluation_costs_put_slow_predictions_and_long_grids_first():
+    from mmrobust.config import load_params
+    from mmrobust.evaluation import evaluation_costs
+
+    params = load_params(Path(__file__).parents[1] / "params.yaml").for_dataset(None)
+    costs = evaluation_costs(params, ["gb", "jt", "jacobian_fusion"])
+    n_base = len(attack_grid(params.evaluate, params.extract.modalities, False, False))
+    assert costs["gb"] == n_base                 # no radius grid, JT-like prediction
+    assert costs["jt"] > costs["gb"]             # jt has both radius grids
+    assert costs["jacobian_fusion"] == 6.0 * n_base
 
 
 def test_evaluation_resumes_after_interruption(trained, tmp_path):

@@ -12,9 +12,11 @@ Layout written into out_dir: videos/<name>.mp4, train.txt and test.txt (`<name> 
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -263,7 +265,7 @@ def make_clip(cfg: GenerateCfg, item: dict) -> tuple[np.ndarray, np.ndarray, int
     return frames, audio, v_cls, a_cls
 
 
-def _write_one(cfg: GenerateCfg, item: dict, video_dir: Path) -> dict:
+def _write_one(item: dict, cfg: GenerateCfg, video_dir: Path) -> dict:
     frames, audio, v_cls, a_cls = make_clip(cfg, item)
     write_clip(video_dir / f"{item['name']}.mp4", frames, cfg.fps, audio, cfg.sample_rate)
     return dict(name=item["name"], split=item["split"], label=item["label"], visual_class=v_cls,
@@ -294,7 +296,7 @@ def _meta(cfg: GenerateCfg, records: list[dict]) -> dict:
     return dict(
         dataset="synthetic",
         layout="kinetics-sounds",
-        config=cfg.model_dump(),
+        config=cfg.model_dump(exclude={"workers"}),  # the data does not depend on it
         frames_per_clip=int(round(cfg.duration_s * cfg.fps)),
         samples_per_clip=int(round(cfg.duration_s * cfg.sample_rate)),
         classes=[_class_record(class_spec(k)) for k in range(cfg.num_classes)],
@@ -316,9 +318,14 @@ def generate(cfg: GenerateCfg, out_dir: str | Path | None = None, progress: bool
     with atomic_dir(out_dir) as tmp:
         video_dir = tmp / "videos"
         video_dir.mkdir()
-        records = [_write_one(cfg, item, video_dir)
-                   for item in tqdm(plan, desc="synthetic clips", unit="clip", disable=not progress,
-                                    file=sys.stderr)]
+        write = partial(_write_one, cfg=cfg, video_dir=video_dir)
+        bar = partial(tqdm, total=len(plan), desc="synthetic clips", unit="clip", disable=not progress,
+                      file=sys.stderr)
+        if cfg.workers > 1:  # every clip has its own random stream: the same files with any number of workers
+            with mp.get_context("forkserver").Pool(cfg.workers) as pool:
+                records = list(bar(pool.imap(write, plan, chunksize=4)))
+        else:
+            records = [write(item) for item in bar(plan)]
         _write_lists(tmp, cfg, records)
         write_json(tmp / "meta.json", _meta(cfg, records))
     seconds = time.perf_counter() - t0

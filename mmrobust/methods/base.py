@@ -56,6 +56,7 @@ class Method:
     head: ClassVar[str] = "concat"       # the fusion head this method trains
     params_key: ClassVar[str | None] = None
     Params: ClassVar[type[MethodParams]] = MethodParams
+    predict_cost: ClassVar[float] = 1.0  # of a prediction and its input gradient, relative to JT's (work ordering)
 
     def __init__(self, cfg, params: MethodParams | None = None):
         self.cfg = cfg                   # TrainCfg
