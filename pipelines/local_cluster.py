@@ -65,10 +65,11 @@ def start_head(num_cpus: int | None = None, timeout: float = 120.0, dashboard_po
     raise TimeoutError(f"ray head on {address} did not come up in {timeout:.0f} s")
 
 
-def stop_head(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_head(proc: subprocess.Popen, grace: float = 3.0) -> None:
     """SIGINT lets `ray start --block` shut its cluster down (about a second when idle); after a long pipeline it
-    sometimes waited 30 s and more, and SIGTERM drains for up to 30 s: the rest of the group is then killed. Nothing
-    runs on the head by now, and the group is this head's alone."""
+    often did not react at all (the whole 10 s of the former grace in `make reproduce`), and SIGTERM drains for up
+    to 30 s: the rest of the group is then killed. Nothing runs on the head by now, and the group is this head's
+    alone."""
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
