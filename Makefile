@@ -21,7 +21,9 @@ $(STAMP): requirements.txt pyproject.toml
 	@echo ">> installing pinned dependencies into $(VENV) (first time: a few minutes)"
 	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
-	@$(PY) -c "import torch, ray, mlflow, dvc, decord, librosa, cv2, av, mmrobust" 
+	@$(PY) -c "import torch, ray, mlflow, dvc, decord, librosa, cv2, av, mmrobust"
+	@# librosa compiles its numba kernels on first use (~30 s of CPU, in every process until cached): cache them now
+	@$(PY) -c "import librosa, numpy; librosa.feature.melspectrogram(y=numpy.zeros(4000, numpy.float32), sr=16000)"
 	@touch $@
 
 # One local Ray head serves every stage (pipelines/local_cluster.py); RAY_ADDRESS set = use that cluster.
