@@ -346,6 +346,11 @@ class Params(_Strict):
         return self._dataset
 
     @property
+    def modalities(self) -> list[str]:
+        """What the models see: `train.modalities`, else every extracted modality."""
+        return list(self.train.modalities or self.extract.modalities)
+
+    @property
     def dataset_name(self) -> str:
         """What runs and measurements are labelled with: the `datasets` id, else (unresolved params) the layout."""
         return self._dataset or self.data.dataset

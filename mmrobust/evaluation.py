@@ -236,7 +236,7 @@ def evaluation_costs(params: Params, ids: list[str]) -> dict[str, float]:
     `predict_cost`."""
     from mmrobust.methods import METHODS
 
-    cfg, modalities = params.evaluate, params.train.modalities or params.extract.modalities
+    cfg, modalities = params.evaluate, params.modalities
     return {mid: METHODS[params.all_models[mid].method].predict_cost
             * len(attack_grid(cfg, modalities, mid in cfg.joint_grid_models, mid in cfg.uni_grid_models))
             for mid in ids}

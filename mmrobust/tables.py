@@ -47,7 +47,7 @@ class Arch:
 def arch_of(params, modalities: list[str] | None = None) -> Arch:
     """The Arch of a trained model from its params (mmrobust.config.Params) and modalities."""
     cfg = params.train.model
-    mods = modalities or params.train.modalities or params.extract.modalities
+    mods = modalities or params.modalities
     enc = cfg.encoder if isinstance(cfg.encoder, dict) else {m: cfg.encoder for m in mods}
     return Arch(cfg.fusion, tuple((m, enc.get(m, "?")) for m in mods), tuple(sorted(cfg.pretrained)))
 

@@ -48,7 +48,7 @@ def seed_everything(seed: int) -> None:
 
 def build_data(params: Params, modalities: list[str] | None = None) -> Data:
     cfg = params.train
-    modalities = modalities or cfg.modalities or params.extract.modalities
+    modalities = modalities or params.modalities
     feats = Path(params.extract.out_dir)
     classes = read_csv(Path(params.data.out_dir) / "classes.csv")
     kw = dict(modalities=modalities, num_segments=cfg.num_segments, input_size=cfg.input_size, seed=cfg.seed)

@@ -133,3 +133,9 @@ def test_as_file_dict_loads_back_to_the_same_params(tmp_path):
     again = load_params(file).for_dataset("ucf")
     assert again.model_dump() == ucf.model_dump() and again.extract.out_dir == "data/features/ucf"
     assert parse_params(ucf.as_file_dict()).extract.out_dir == "data/features"
+
+
+def test_model_modalities_default_to_the_extracted_ones():
+    both = parse_params({"extract": {"frame_modalities": ["visual", "flow"], "audio_modalities": []}})
+    assert both.modalities == ["visual", "flow"]
+    assert parse_params({"train": {"modalities": ["flow"]}}).modalities == ["flow"]  # train.modalities wins
