@@ -20,6 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from mmrobust import checkpoint  # noqa: E402
 from mmrobust.config import load_params  # noqa: E402
 from mmrobust.ray_utils import ray_session  # noqa: E402
 from pipelines.train import train_method  # noqa: E402
@@ -55,7 +56,7 @@ def main() -> None:
             run_dir = out / f"{method}-{workers}-{loaders}"
             train_method(params, method, run_dir, ROOT, log=lambda *_: None)
             wall = time.perf_counter() - t0
-            hist = torch.load(run_dir / "model.pt", weights_only=False)["history"]
+            hist = checkpoint.load(run_dir / "model.pt")["history"]
             train_hist = [h for h in hist if not h["phase"].startswith("step2")]
             in_epochs = sum(h["epoch_seconds"] for h in hist)
             rows.append(dict(method=method, workers=workers, loaders=loaders, wall=wall,

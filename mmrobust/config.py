@@ -6,10 +6,12 @@ key path and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from mmrobust.attacks.specs import default_attacks, validate_attacks
 
 
 class ConfigError(ValueError):
@@ -310,17 +312,25 @@ class EvaluateCfg(_Strict):
     uni_grid_models: list[str] = ["jt", "mmat", "crmt_jt", "crmt_at"]
     # Sound certified accuracy CA(r) on {0} + joint_grid (table CA beside l2-PGD at the same radii).
     certify_models: list[str] = ["jt", "crmt_jt", "crmt_jt_it2", "crmt_jt_it4"]
-    pgd_steps: int = Field(4, ge=1, le=1000)
-    pgd_step_ratio: float = Field(1 / 3, gt=0, le=1, description="step size = ratio * eps (reference: eps/3)")
-    pgd_restarts: int = Field(1, ge=1, le=100)
-    pgd_random_start: bool = False
-    mgn_sigma: list[float] = [0.1, 0.5]
-    mpm_p: list[float] = [0.1, 0.3]
-    mea_eps: float = Field(0.5, ge=0)
-    mea_steps: int = Field(10, ge=1)
+    # The attacks run, in this order: {name: its own params} (mmrobust/attacks/specs.py declares each one).
+    attacks: dict[str, Any] = Field(default_factory=default_attacks)
     tsne_samples: int = Field(300, ge=10)
     eta_models: list[str] = ["jt", "ojt", "mmat", "crmt_step1", "crmt_step2", "crmt_jt", "crmt_at"]  # F3/F8
     tsne_models: list[str] = ["jt", "crmt_jt"]  # F7
+
+    @field_validator("attacks", mode="before")
+    @classmethod
+    def _attacks(cls, raw):
+        return validate_attacks(raw)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, raw):
+        old = sorted(k for k in (raw if isinstance(raw, dict) else {}) if k.split("_")[0] in ("pgd", "mgn", "mpm", "mea"))
+        if old:
+            raise ValueError(f"{old}: an attack's params are under evaluate.attacks.<attack> "
+                             "(e.g. attacks: {pgd: {steps: 4}, mgn: {sigma: [0.5]}})")
+        return raw
 
 
 # ---------------------------------------------------------------- the whole file

@@ -1,6 +1,6 @@
 """The paper's tables and figures from tidy measurement rows.
 
-Rows: `dataset, method, model, attack, modality, eps, accuracy, n` (see mmrobust/evaluation.py). Each table is
+Rows: `dataset, method, model, attack, modality, eps, accuracy, n` (see mmrobust/evaluation/measure.py). Each table is
 written as `<id>.csv` (the tidy rows it uses) and `<id>.md` (the paper-style pivot); figures as `<id>.png`.
 A table is written whenever at least one of the models it compares exists.
 """
@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mmrobust.attacks.specs import SPECS, of_kind, titles
 from mmrobust.io import atomic_file, save_png, write_csv
 
 ROW_FIELDS = ["dataset", "method", "model", "attack", "modality", "eps", "accuracy", "n"]
-ATTACK_NAMES = {"clean": "Clean", "fgm": "FGM", "pgd": "PGD", "missing": "Missing", "mgn": "MGN", "mpm": "MPM",
-                "mea": "MEA", "certified": "CA"}
+ATTACK_NAMES = titles()
 
 # Paper order of the methods in each table (model ids of the default `models` params).
 T1_MODELS = ["jt", "gb", "ogm_ge", "pmr", "msefm", "mmat", "mixup", "crmt_jt", "crmt_at", "crmt_mix"]
@@ -70,7 +70,8 @@ def _col(attack: str, modality: str = "all", eps: float | None = None, title: st
         return (r["attack"] == attack and r["modality"] == modality
                 and (eps is None or abs(float(r["eps"]) - eps) < 1e-9))
     name = title or (ATTACK_NAMES.get(attack, attack) + (f" #{modality[0]}" if modality != "all" else "")
-                     + (f" {eps:g}" if eps is not None and attack not in ("clean", "missing") else ""))
+                     + (f" {eps:g}" if eps is not None and attack != "clean" and attack not in of_kind(SPECS, "missing")
+                        else ""))
     return Column(name, match)
 
 
@@ -115,23 +116,26 @@ def modalities_of(rows: list[dict]) -> list[str]:
 
 
 def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, models: dict[str, str],
-                 archs: dict[str, Arch] | None = None) -> list[Path]:
+                 archs: dict[str, Arch] | None = None, attacks: list[str] | None = None) -> list[Path]:
     """All tables that the available models allow. `models` maps model id -> method, `archs` model id -> Arch
-    (without it every model counts as the base architecture)."""
+    (without it every model counts as the base architecture); `attacks` the evaluated attacks in column order
+    (default: every declared one), their kind deciding the tables they are columns of."""
+    attacks = list(SPECS) if attacks is None else attacks
+    robust, corruptions = of_kind(attacks, "robust"), of_kind(attacks, "corruption")
     mods = modalities_of(rows)
     archs = archs or {}
     base = base_arch(archs)
     in_base = [m for m in models if m not in archs or archs[m] == base]
     main = [m for m in T1_MODELS if m in in_base] + _others({m: models[m] for m in in_base}, T1_MODELS)
     written = []
-    t1 = [_col("clean"), _col("fgm", eps=joint_eps), _col("pgd", eps=joint_eps)]
-    written.append(_write_table(out, "T1", f"clean / FGM / l2-PGD accuracy (joint, eps {joint_eps:g})",
-                                *pivot(rows, main, t1)))
-    uni = [_col(a, m, uni_eps) for a in ("fgm", "pgd") for m in mods]
-    missing = [_col("missing", m, 0.0, f"Missing #{m[0]}") for m in mods]
+    t1 = [_col("clean")] + [_col(a, eps=joint_eps) for a in robust]
+    written.append(_write_table(out, "T1", f"clean / {' / '.join(ATTACK_NAMES[a] for a in robust)} accuracy "
+                                f"(joint l2, eps {joint_eps:g})", *pivot(rows, main, t1)))
+    uni = [_col(a, m, uni_eps) for a in robust for m in mods]
+    missing = [_col(a, m, 0.0, f"{ATTACK_NAMES[a]} #{m[0]}") for a in of_kind(attacks, "missing") for m in mods]
     written.append(_write_table(out, "T2", f"uni-modal attacks (eps {uni_eps:g}) and missing modalities",
                                 *pivot(rows, main, [_col("clean")] + uni + missing)))
-    noise = sorted({(r["attack"], float(r["eps"])) for r in rows if r["attack"] in ("mgn", "mpm", "mea")})
+    noise = sorted({(r["attack"], float(r["eps"])) for r in rows if r["attack"] in corruptions})
     t7 = [_col("clean")] + [_col(a, eps=e) for a, e in noise]
     written.append(_write_table(out, "T7", "multimodal Gaussian noise (MGN, sigma), pixel masking (MPM, p) and "
                                 "embedding attack (MEA, eps)", *pivot(rows, main, t7)))
@@ -271,11 +275,14 @@ def write_across_datasets(per_dataset: dict[str, Path], out: Path, joint_eps: fl
     def of(dataset: str, col: Column) -> Column:
         return Column(f"{dataset} {col.title}", lambda r: r["dataset"] == dataset and col.match(r))
 
-    cols = [of(d, c) for d in per_dataset for c in (_col("clean"), _col("fgm", eps=joint_eps), _col("pgd", eps=joint_eps))]
+    measured = {r["attack"] for r in rows}
+    robust = [a for a in of_kind(SPECS, "robust") if a in measured]  # the T1 columns of the datasets' own tables
+    per = [_col("clean")] + [_col(a, eps=joint_eps) for a in robust]
+    cols = [of(d, c) for d in per_dataset for c in per]
     order = [m for m in T1_MODELS if m in models] + _others(models, T1_MODELS)
     with atomic_dir(out / "tables") as tmp:
-        table = _write_table(tmp, "T1", f"clean / FGM / l2-PGD accuracy (joint, eps {joint_eps:g}) on "
-                             f"{', '.join(per_dataset)}", *pivot(rows, order, cols),
+        table = _write_table(tmp, "T1", f"clean / {' / '.join(ATTACK_NAMES[a] for a in robust)} accuracy (joint "
+                             f"l2, eps {joint_eps:g}) on {', '.join(per_dataset)}", *pivot(rows, order, cols),
                              note="One column group per dataset; each dataset's base architecture (see its T1).")
         text = table.read_text() if table else "No model was evaluated.\n"
     lines = ["# Results", "", text, "([csv](tables/T1.csv))" if table else "", "", "## Per dataset", ""]

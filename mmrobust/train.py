@@ -1,4 +1,5 @@
-"""A plain, Ray-free training loop: `fit(params) -> metrics`, built from per-epoch pieces that Ray Train reuses.
+"""The one training loop: `Trainer` (model, method, optimiser, data; one epoch at a time) and `run(trainer, start,
+report)`, the epoch loop that plain `fit(params)` and every Ray Train worker (pipelines/train.py) go through.
 
 Data parallelism (when torch.distributed is initialised, e.g. by Ray Train's TorchTrainer) shards the train
 split with a DistributedSampler and all-reduces gradients after each backward pass (DDP semantics). The sync is
@@ -15,17 +16,18 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mmrobust.config import Params, TrainCfg
+from mmrobust import checkpoint
+from mmrobust.config import Params
 from mmrobust.data.dataset import AVDataset
 from mmrobust.io import read_csv
-from mmrobust.methods import Ctx, Method, Phase, build_method
-from mmrobust.models import ModelSpec, build_model, load_imagenet_state_dict
+from mmrobust.methods import Ctx, Phase
 
 
 @dataclass
@@ -61,16 +63,6 @@ def build_data(params: Params, modalities: list[str] | None = None) -> Data:
 
 def split_batch(batch: dict, modalities: list[str], device) -> tuple[dict, torch.Tensor]:
     return {m: batch[m].to(device, non_blocking=True) for m in modalities}, batch["label"].to(device)
-
-
-def model_spec(cfg: TrainCfg, method: Method, data: Data) -> ModelSpec:
-    head = cfg.model.head or method.head
-    head_kwargs = {}
-    if head == "crmt" and getattr(method.p, "reference_compat", False):
-        head_kwargs["reference_compat"] = True
-    return ModelSpec(num_classes=data.num_classes, modalities=data.modalities, encoder=cfg.model.encoder,
-                     width=cfg.model.width, head=head, head_kwargs=head_kwargs,
-                     encoder_kwargs=cfg.model.encoder_kwargs, fusion=cfg.model.fusion)
 
 
 def world() -> tuple[int, int]:
@@ -114,11 +106,8 @@ class Trainer:
         self.rank, self.world_size = world()
         seed_everything(self.cfg.seed)
         self.data = data or build_data(params)
-        self.method = build_method(params, method)
-        self.model = build_model(model_spec(self.cfg, self.method, self.data))
-        for m, path in self.cfg.model.pretrained.items():
-            load_imagenet_state_dict(self.model.encoders[m], path)
-        self.method.prepare(self.model)
+        self.model, self.method = checkpoint.build(params, method, self.data.num_classes, self.data.modalities,
+                                                   pretrained=True)
         self.model.to(self.device)
         if self.world_size > 1:  # identical start on every worker
             for t in self.model.state_dict().values():
@@ -241,7 +230,7 @@ class Trainer:
 
     def robust_accuracy(self, split: str, eps: float, steps: int, step_ratio: float) -> float:
         """Accuracy of the method's own prediction under joint l2-PGD (the tuning objective, on `val`)."""
-        from mmrobust.attacks import accuracy_under_attack
+        from mmrobust.attacks.evaluate import accuracy_under_attack
         from mmrobust.methods import Predictor
 
         if split == "val" and not len(self.data.val):
@@ -282,26 +271,58 @@ class Trainer:
             model.load_state_dict(self.best["model"])
         return model.eval()
 
+    def select_final(self) -> None:
+        """Put the selected weights in `self.model` (what the last checkpoint and model.pt hold)."""
+        if self.best is not None:
+            self.model.load_state_dict(self.best["model"])
+
+
+Report = Callable[[int, dict, Trainer], None]
+
+
+def epoch_line(trainer: Trainer, m: dict, eta: float) -> str:
+    pgd = f" val pgd acc {m['val_pgd_acc']:.3f}" if "val_pgd_acc" in m else ""
+    return (f"[{trainer.method.name}] epoch {m['epoch'] + 1}/{trainer.epochs} ({m['phase']}) "
+            f"loss {m.get('train_loss', math.nan):.4f} val acc {m['val_acc']:.3f}{pgd} "
+            f"({m['samples_per_s']:.0f} samples/s, ETA {eta:.0f} s)")
+
+
+def run(trainer: Trainer, start: int = 0, report: Report | None = None, objective: dict | None = None,
+        log=print) -> dict:
+    """Epochs `start`.. of `trainer`, each reported as `report(epoch, metrics, trainer)` (Ray: a checkpoint and
+    `ray.train.report`); after the last one the selected model is in `trainer.model` and its test accuracy in
+    the metrics. `objective` ({eps, steps, step_ratio}): a tuning trial, scored each epoch by joint l2-PGD
+    accuracy on the validation split (`val_pgd_acc`), which never looks at the test split. Returns the last
+    epoch's metrics."""
+    t0, metrics = time.perf_counter(), {}
+    for epoch in range(start, trainer.epochs):
+        metrics = trainer.run_epoch(epoch)
+        if epoch == trainer.epochs - 1:
+            trainer.select_final()
+            if not objective:
+                metrics.update({f"test_{k}": v for k, v in trainer.evaluate("test").items()})
+            metrics["best_epoch"] = trainer.best["epoch"] if trainer.best else epoch
+            metrics["best_val_acc"] = trainer.best["val_acc"] if trainer.best else metrics["val_acc"]
+        if objective and trainer.rank == 0:
+            metrics["val_pgd_acc"] = trainer.robust_accuracy("val", **objective)
+        metrics["epochs_total"] = trainer.epochs
+        if trainer.rank == 0:
+            eta = (time.perf_counter() - t0) / (epoch + 1 - start) * (trainer.epochs - epoch - 1)
+            log(epoch_line(trainer, metrics, eta))
+        if report is not None:
+            report(epoch, metrics, trainer)
+    return metrics
+
 
 def fit(params: Params, method: str | None = None, out_dir: str | Path | None = None, log=print) -> dict:
     """Train one method to the end in this process; returns metrics and writes `<out_dir>/model.pt`."""
-    trainer = Trainer(params, method)
     start = time.perf_counter()
-    for epoch in range(trainer.epochs):
-        m = trainer.run_epoch(epoch)
-        eta = (time.perf_counter() - start) / (epoch + 1) * (trainer.epochs - epoch - 1)
-        log(f"[{trainer.method.name}] epoch {epoch + 1}/{trainer.epochs} ({m['phase']}) loss {m.get('train_loss', math.nan):.4f} "
-            f"val acc {m['val_acc']:.3f} ({m['samples_per_s']:.0f} samples/s, ETA {eta:.0f} s)")
-    model = trainer.final_model()
-    trainer.model.load_state_dict(model.state_dict())
-    test = trainer.evaluate("test")
-    metrics = {"method": trainer.method.name, "best_epoch": trainer.best["epoch"] if trainer.best else None,
-               "val_acc": trainer.best["val_acc"] if trainer.best else None,
-               **{f"test_{k}": v for k, v in test.items()}, "seconds": time.perf_counter() - start}
+    trainer = Trainer(params, method)
+    last = run(trainer, log=log)
+    metrics = {"method": trainer.method.name, "best_epoch": last["best_epoch"], "val_acc": last["best_val_acc"],
+               **{k: v for k, v in last.items() if k.startswith("test_")}, "seconds": time.perf_counter() - start}
     if out_dir is not None:
-        from mmrobust.io import atomic_file
-        out = Path(out_dir)
-        with atomic_file(out / "model.pt", "wb") as fh:
-            torch.save({**trainer.state_dict(trainer.epochs - 1), "metrics": metrics}, fh)
-        log(f"[{trainer.method.name}] saved {out / 'model.pt'}")
+        path = checkpoint.save(checkpoint.model_file(trainer.state_dict(trainer.epochs - 1), metrics),
+                               Path(out_dir) / checkpoint.MODEL_FILE)
+        log(f"[{trainer.method.name}] saved {path}")
     return metrics

@@ -13,7 +13,6 @@ stage's file (what the DVC stage declares). Writes `<out>/model.pt` (selected mo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,7 +21,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from mmrobust.config import ConfigError, Params, load_params, parse_params
+from mmrobust import cli
+from mmrobust.config import ConfigError, Params, parse_params
 from mmrobust.io import atomic_file, write_json
 from mmrobust.plan import apply_plan
 from mmrobust.ray_utils import ray_session
@@ -55,16 +55,16 @@ def _quiet_reports() -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker; torch.distributed is already initialised when num_workers > 1."""
+    """Runs on every Ray Train worker (torch.distributed is initialised when num_workers > 1): resumes from
+    Ray's checkpoint, then `mmrobust.train.run` with a reporter that checkpoints and calls `ray.train.report`."""
     import ray.train
-    import torch
 
-    from mmrobust.train import Trainer
+    from mmrobust import checkpoint
+    from mmrobust.train import Trainer, run
 
     _quiet_reports()
     params = parse_params(config["params"], "train_loop_config")
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     # importing MLflow and opening its store takes seconds: done beside model building and the first epoch
     mlflow = (ThreadPoolExecutor(1).submit(tracking.client, config["tracking_uri"])
               if rank == 0 and config.get("run_id") else None)
@@ -73,43 +73,39 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            start = trainer.load_state_dict(torch.load(Path(d) / CKPT, weights_only=False))
+            start = trainer.load_state_dict(checkpoint.load(Path(d) / CKPT))
         print(f"[{config['method']}] rank {rank}: resumed from epoch {start}", flush=True)
-    objective = config.get("objective")  # {eps, steps, step_ratio}: report val_pgd_acc each epoch (tuning)
+    run(trainer, start, ray_reporter(config, mlflow), objective=config.get("objective"),
+        log=lambda line: print(line, flush=True))
+
+
+def ray_reporter(config: dict, mlflow: Future | None):
+    """`report(epoch, metrics, trainer)` for `run`: MLflow metrics from rank 0, the training state as a Ray
+    checkpoint, `ray.train.report`; and the fault injection of the tests (`fail_at_epoch`)."""
+    import ray.train
+    import torch
+
     fail_at = config.get("fail_at_epoch")
     marker = Path(config["fault_marker"]) if config.get("fault_marker") else None
-    t0 = time.perf_counter()
-    for epoch in range(start, trainer.epochs):
-        if fail_at is not None and epoch == fail_at and rank == ctx.get_world_size() - 1 and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()  # once per run, whichever checkpoint the restarted group resumes from
-            print(f"fault injection: worker rank {rank} exits at epoch {epoch}", flush=True)
-            os._exit(1)
-        metrics = trainer.run_epoch(epoch)
-        final = epoch == trainer.epochs - 1
-        if final:
-            trainer.model.load_state_dict(trainer.final_model().state_dict())
-            if not objective:  # a tuning trial never looks at the test split
-                metrics.update({f"test_{k}": v for k, v in trainer.evaluate("test").items()})
-            metrics["best_epoch"] = trainer.best["epoch"] if trainer.best else epoch
-        if objective and rank == 0:
-            metrics["val_pgd_acc"] = trainer.robust_accuracy("val", **objective)
-        metrics["epochs_total"] = trainer.epochs
+
+    def report(epoch: int, metrics: dict, trainer) -> None:
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if mlflow is not None:
             tracking.log_metrics(mlflow.result(), config["run_id"], numeric, step=epoch)
-        eta = (time.perf_counter() - t0) / (epoch + 1 - start) * (trainer.epochs - epoch - 1)
-        if rank == 0:
-            print(f"[{trainer.method.name}] epoch {epoch + 1}/{trainer.epochs} ({metrics['phase']}) "
-                  f"loss {metrics.get('train_loss', float('nan')):.4f} val acc {metrics['val_acc']:.3f} "
-                  + (f" val pgd acc {metrics['val_pgd_acc']:.3f}" if objective else "")
-                  + f" ({metrics['samples_per_s']:.0f} samples/s, ETA {eta:.0f} s)", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
+            ckpt = None
+            if trainer.rank == 0:
                 torch.save(trainer.state_dict(epoch), Path(tmp) / CKPT)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(numeric, checkpoint=checkpoint)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(numeric, checkpoint=ckpt)
+        if (fail_at is not None and epoch + 1 == fail_at and trainer.rank == trainer.world_size - 1
+                and not marker.exists()):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()  # once per run, whichever checkpoint the restarted group resumes from
+            print(f"fault injection: worker rank {trainer.rank} exits at epoch {fail_at}", flush=True)
+            os._exit(1)
+
+    return report
 
 
 def run_name(method: str, params: Params) -> str:
@@ -174,7 +170,7 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     stage CLI opens the MLflow run while it connects to Ray)."""
     import shutil
 
-    import torch
+    from mmrobust import checkpoint
 
     uri, exp, run_id = run.result() if run is not None else open_run(params, method, out_dir, base, model_id)
     params = absolute_paths(params, base)
@@ -188,13 +184,10 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     t0 = time.perf_counter()
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CKPT, weights_only=False)
+        state = checkpoint.load(Path(d) / CKPT)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics.update(method=method, wall_seconds=time.perf_counter() - t0, num_workers=cfg.num_workers)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_state = state["best"]["model"] if state.get("best") else state["model"]
-    with atomic_file(out_dir / "model.pt", "wb") as fh:
-        torch.save({**state, "model": model_state, "metrics": metrics, "mlflow_run_id": run_id}, fh)
+    checkpoint.save(checkpoint.model_file(state, metrics, mlflow_run_id=run_id), out_dir / checkpoint.MODEL_FILE)
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "mlflow_run.json", {"run_id": run_id, "tracking_uri": uri, "experiment": exp})
     c.log_artifact(run_id, str(out_dir / "metrics.json"))
@@ -208,18 +201,16 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__)
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--model", help="an entry of `models` in params.yaml")
     which.add_argument("--method", help="a registered method (default: train.method)")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--dataset", help="an id of `datasets` (default: the only one)")
     ap.add_argument("--plan", help="the model's method-params file from the plan stage (plan/<model>.yaml)")
     ap.add_argument("--out", help="output folder (default: <train.out_dir>/<dataset>/<model or method>)")
     ap.add_argument("--fail-at-epoch", type=int, help="fault injection: the last worker exits at this epoch once")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params).for_dataset(args.dataset)
+        params = cli.load(args)
         if args.plan:
             if not args.model:
                 raise ConfigError("--plan needs --model")
@@ -227,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             params = params.for_model(args.model)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("train", err)
     method = args.method or params.train.method
     out = Path(args.out or Path(params.train.out_dir) / (args.model or method))
     run = ThreadPoolExecutor(1).submit(open_run, params, method, out, Path.cwd(), args.model or method)

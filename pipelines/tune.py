@@ -11,7 +11,6 @@ child run per trial. Trials write concurrently, so unless MLFLOW_TRACKING_URI na
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import shutil
 import sys
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from mmrobust import tracking
-from mmrobust.config import ConfigError, Params, SearchDim, deep_merge, load_params, parse_params
+from mmrobust import cli, tracking
+from mmrobust.config import ConfigError, Params, SearchDim, deep_merge, parse_params
 from mmrobust.io import atomic_file, write_csv, write_json
 from mmrobust.ray_utils import ray_session
 from pipelines.train import absolute_paths, torch_trainer
@@ -197,15 +196,11 @@ def trial_rows(grid, c, parent_id: str, keys: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--dataset", help="an id of `datasets` (default: the only one)")
-    args = ap.parse_args(argv)
+    args = cli.parser(__doc__).parse_args(argv)
     try:
-        params = load_params(args.params).for_dataset(args.dataset)
+        params = cli.load(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("tune", err)
     with ray_session():
         tune_method(params, Path.cwd())
     return 0

@@ -2,31 +2,28 @@
 tables, figures and metrics under <evaluate.out_dir>/datasets/<dataset>/ (the `tables` stage combines datasets)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from mmrobust.config import ConfigError, load_params
+from mmrobust import cli
+from mmrobust.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--dataset", help="an id of `datasets` (default: the only one)")
+    ap = cli.parser(__doc__)
     ap.add_argument("--models-dir", default=None, help="default: <train.out_dir>/<dataset>")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params).for_dataset(args.dataset)
+        params = cli.load(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("evaluate", err)
     from mmrobust.evaluation import evaluate_all
+    from mmrobust.checkpoint import CheckpointError
 
     try:
         evaluate_all(params, args.models_dir or params.train.out_dir,
                      cache_dir=f".cache/eval/{params.dataset_id}")
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, CheckpointError) as err:
+        return cli.fail("evaluate", err)
     return 0
 
 

@@ -3,11 +3,11 @@ flow | diff) for every clip of one dataset's manifest. A modality the dataset do
 e.g. audio for UCF101) leaves only `skipped.json` saying so."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from mmrobust.config import ConfigError, load_params
+from mmrobust import cli
+from mmrobust.config import ConfigError
 from mmrobust.data.extract import MODALITIES, ExtractError, extract
 from mmrobust.io import atomic_dir, write_json
 
@@ -22,14 +22,12 @@ def skip(params, modality: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = cli.parser(__doc__)
     ap.add_argument("--modality", required=True, choices=MODALITIES)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--dataset", help="an id of `datasets` (default: the only one)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params).for_dataset(args.dataset)
+        params = cli.load(args)
         if args.modality not in params.extract.modalities:
             out = skip(params, args.modality)
             print(f"extract {args.modality}: dataset {params.dataset_id} does not use it "
@@ -37,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         s = extract(args.modality, params.extract, params.data.out_dir, progress=not args.no_progress)
     except (ConfigError, ExtractError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("extract", err)
     print(f"extract {s['modality']}: {s['extracted']}/{s['clips']} clips in {s['seconds']:.1f} s "
           f"({s['clips_per_s']:.1f} clips/s), {s['rejected']} rejected ({s['algorithm']}) -> {s['out_dir']}")
     if s["rejected"]:

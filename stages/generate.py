@@ -6,22 +6,19 @@ Exit status 2 on a bad params file (message on stderr).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from mmrobust.config import ConfigError, load_params
+from mmrobust import cli
+from mmrobust.config import ConfigError
 from mmrobust.data.synthetic import generate
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stages.generate", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = ap.parse_args(argv)
+    args = cli.parser(__doc__.splitlines()[0], dataset=False, prog="python -m stages.generate").parse_args(argv)
     try:
-        cfg = load_params(args.params).generate
+        cfg = cli.load(args).generate
     except ConfigError as err:
-        print(f"generate: error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("generate", err)
     s = generate(cfg)
     print(f"generate: {s['classes']} classes, {s['train']} train + {s['test']} test clips in {s['out_dir']}/ "
           f"(videos/, train.txt, test.txt, classes.txt, meta.json)")

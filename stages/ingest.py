@@ -6,11 +6,11 @@ Exit status 2 on a bad params file or a layout that cannot be ingested (message 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from mmrobust.config import ConfigError, load_params
+from mmrobust import cli
+from mmrobust.config import ConfigError
 from mmrobust.data.ingest import IngestError, ingest
 from mmrobust.io import read_csv
 
@@ -18,16 +18,12 @@ SHOW_REJECTED = 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stages.ingest", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("--dataset", help="an id of `datasets` (default: the only one)")
-    args = ap.parse_args(argv)
+    args = cli.parser(__doc__.splitlines()[0], prog="python -m stages.ingest").parse_args(argv)
     try:
-        cfg = load_params(args.params).for_dataset(args.dataset).data
+        cfg = cli.load(args).data
         summary = ingest(cfg)
     except (ConfigError, IngestError) as err:
-        print(f"ingest: error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("ingest", err)
     out = Path(cfg.out_dir)
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     print(f"ingest: {summary['dataset']} at {summary['root']}: {summary['num_classes']} classes; {counts}; "

@@ -1,23 +1,21 @@
 """DVC stage `plan`: write plan/<model>.yaml, the method params group of every model (see mmrobust/plan.py)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from mmrobust.config import ConfigError, load_params
+from mmrobust import cli
+from mmrobust.config import ConfigError
 from mmrobust.plan import write_plans
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
+    ap = cli.parser(__doc__, dataset=False)
     ap.add_argument("--out", default="plan")
     args = ap.parse_args(argv)
     try:
-        written = write_plans(load_params(args.params), args.out)
+        written = write_plans(cli.load(args), args.out)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("plan", err)
     print(f"plan: method params of {len(written)} models -> {args.out}/")
     return 0
 

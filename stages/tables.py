@@ -2,22 +2,19 @@
 per dataset, the paper's layout) and <evaluate.out_dir>/README.md (links to each dataset's tables and figures)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from mmrobust.config import ConfigError, load_params
+from mmrobust import cli
+from mmrobust.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
+    args = cli.parser(__doc__, dataset=False).parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = cli.load(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("tables", err)
     from mmrobust.tables import write_across_datasets
 
     out = Path(params.evaluate.out_dir)
@@ -27,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         readme = write_across_datasets(folders, out, params.evaluate.joint_eps,
                                        {m: params.all_models[m].method for m in ids if m in params.all_models})
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail("tables", err)
     print(f"tables: T1 over {len(folders)} dataset(s) -> {out / 'tables' / 'T1.md'}; index: {readme}")
     return 0
 

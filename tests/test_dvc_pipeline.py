@@ -29,8 +29,9 @@ TINY = {
     # depends on `train`, not on `crmt`
     "tune": {"base": {"method": "jt", "group": "train"}, "num_samples": 1, "grace_period": 1, "pgd_steps": 2,
              "space": {"train.lr": {"dist": "loguniform", "low": 0.001, "high": 0.1}}},
-    "evaluate": {"batch_size": 8, "joint_grid": [0.5], "uni_grid": [1.0], "mgn_sigma": [0.5], "mpm_p": [0.3],
-                 "mea_steps": 2, "workers": 1},  # tests/test_evaluation.py runs the parallel path
+    "evaluate": {"batch_size": 8, "joint_grid": [0.5], "uni_grid": [1.0], "workers": 1,
+                 "attacks": {"fgm": {}, "pgd": {}, "missing": {}, "mgn": {"sigma": [0.5]}, "mpm": {"p": [0.3]},
+                             "mea": {"steps": 2}}},  # tests/test_evaluation.py runs the parallel path
 }
 # one model per params group: CRMT's and the tuned JT's (the search and the tuned model depend on `train`)
 MODELS = {"crmt_jt": {"method": "crmt_jt", "group": "crmt"}}
@@ -126,8 +127,8 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
         assert (repo / "models" / SYN / m / "model.pt").exists()
     best = yaml.safe_load((repo / f"tune/{SYN}/best_params.yaml").read_text())
     assert 0.001 <= best["train"]["lr"] <= 0.1
-    import torch
-    tuned = torch.load(repo / f"models/{SYN}/jt_tuned/model.pt", weights_only=False)
+    from mmrobust import checkpoint
+    tuned = checkpoint.load(repo / f"models/{SYN}/jt_tuned/model.pt")
     assert tuned["config"]["train"]["lr"] == best["train"]["lr"]  # the tuned model trained with the best params
     own = repo / "results/datasets" / SYN
     t1 = (own / "tables/T1.md").read_text()

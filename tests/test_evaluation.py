@@ -7,13 +7,15 @@ import torch
 
 from helpers import tiny_project
 from mmrobust.config import EvaluateCfg
-from mmrobust.evaluation import attack_grid, evaluate_model, evaluate_models, headline_metrics, load_trained
+from mmrobust.checkpoint import load_trained
+from mmrobust.evaluation import attack_grid, evaluate_model, evaluate_models, headline_metrics
 from mmrobust.config import parse_params
 from mmrobust.tables import Arch, arch_of, markdown, pivot, write_across_datasets, write_tables, _col
 from mmrobust.train import fit
 
-CFG = EvaluateCfg(batch_size=2, joint_grid=[0.5, 1.0], uni_grid=[1.0], mgn_sigma=[0.5], mpm_p=[0.3],
-                  mea_eps=0.5, mea_steps=2, joint_grid_models=["m", "crmt_jt"], uni_grid_models=["m"],
+CFG = EvaluateCfg(batch_size=2, joint_grid=[0.5, 1.0], uni_grid=[1.0],
+                  attacks={"fgm": {}, "pgd": {}, "missing": {}, "mgn": {"sigma": [0.5]}, "mpm": {"p": [0.3]},
+                           "mea": {"eps": 0.5, "steps": 2}}, joint_grid_models=["m", "crmt_jt"], uni_grid_models=["m"],
                   certify_models=["m"])
 
 
@@ -244,7 +246,9 @@ def test_killed_evaluation_stage_resumes_where_it_stopped(trained, tmp_path):
     raw = params.as_file_dict()
     raw["models"] = {"crmt_jt": {"method": "crmt_jt", "group": "crmt"}}
     raw["tuned_models"] = {}
-    raw["evaluate"] = {**CFG.model_dump(mode="json"), "batch_size": 1, "pgd_steps": 10, "out_dir": "results",
+    attacks = CFG.model_dump(mode="json")["attacks"]
+    attacks["pgd"]["steps"] = 10
+    raw["evaluate"] = {**CFG.model_dump(mode="json"), "batch_size": 1, "attacks": attacks, "out_dir": "results",
                        "eta_models": [], "tsne_models": [], "joint_grid_models": ["crmt_jt"],
                        "certify_models": ["crmt_jt"]}
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from helpers import tiny_project
-from mmrobust.evaluation import load_trained
+from mmrobust import checkpoint
+from mmrobust.checkpoint import load_trained
 from pipelines.train import run_name, train_method
 
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ def test_two_workers_survive_a_killed_worker_and_checkpoint_reloads(ray_cluster,
     metrics = train_method(params, "crmt_jt", out, tmp_path, fail_at_epoch=2, log=lambda *_: None)
     # the last worker died at epoch 2 (after the epoch-1 checkpoint); the run resumed and finished all 4 epochs
     assert metrics["epoch"] == 3 and metrics["num_workers"] == 2 and "test_acc" in metrics
-    ckpt = torch.load(out / "model.pt", weights_only=False)
+    ckpt = checkpoint.load(out / "model.pt")  # weights_only: plain data
     assert [h["epoch"] for h in ckpt["history"]] == [0, 1, 2, 3]
     predictor, loaded_params, _ = load_trained(out / "model.pt")
     assert loaded_params.train.num_workers == 2

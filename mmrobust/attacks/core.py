@@ -1,8 +1,8 @@
 """Attack registry and the shared l2 machinery.
 
-An attack is `fn(model, inputs, y, **params) -> dict[str, Tensor]`, registered with `@register_attack(name)` and
-called through `run_attack`, which puts the model in eval mode, freezes its parameters (no `.grad` is ever
-written) and restores both afterwards. Inputs are modality dicts in model space; modalities an attack does not
+An attack is `fn(model, inputs, y, **params) -> dict[str, Tensor]`, listed in registry.py and called through
+`run_attack`, which puts the model in eval mode (`attack_mode`: frozen parameters, no `.grad` is ever written)
+and restores both afterwards. Inputs are modality dicts in model space; modalities an attack does not
 perturb are returned as the very same tensors (bit-identical, not copies).
 
 Budgets: a *group* is a tuple of modalities that share one l2 ball. A scalar `eps` makes one group of all the
@@ -12,7 +12,7 @@ modality. Norms are per sample, over all non-batch dimensions.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 import torch
@@ -22,18 +22,6 @@ from mmrobust.data.dataset import pixel_bounds
 
 Inputs = dict[str, torch.Tensor]
 Group = tuple[tuple[str, ...], float]
-ATTACKS: dict[str, Callable[..., Inputs]] = {}
-
-
-def register_attack(name: str):
-    def deco(fn):
-        if name in ATTACKS:
-            raise ValueError(f"attack {name!r} registered twice")
-        ATTACKS[name] = fn
-        return fn
-    return deco
-
-
 def logits_of(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     """Fused logits whether the model returns a Tensor or an object with `.logits`."""
     out = model(inputs)
@@ -55,14 +43,6 @@ def attack_mode(model: nn.Module):
             m.training = training
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def run_attack(name: str, model: nn.Module, inputs: Inputs, y: torch.Tensor, **params) -> Inputs:
-    """Adversarial/perturbed copy of `inputs` (never modified in place) under attack `name`."""
-    if name not in ATTACKS:
-        raise KeyError(f"unknown attack {name!r}; registered: {sorted(ATTACKS)}")
-    with attack_mode(model):
-        return ATTACKS[name](model, dict(inputs), y, **params)
 
 
 # ---- modality selection and budgets -------------------------------------------------------------------------

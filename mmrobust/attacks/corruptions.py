@@ -10,14 +10,13 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from .core import Inputs, clamp_pixels, make_generator, rand_like, randn_like, register_attack, target_modalities
+from .core import Inputs, clamp_pixels, make_generator, rand_like, randn_like, target_modalities
 
 
 def _value(v, m: str):
     return v[m] if isinstance(v, Mapping) else v
 
 
-@register_attack("missing")
 def missing(model: nn.Module, inputs: Inputs, y=None, modalities=None, fill: str = "zeros",
             mean: torch.Tensor | Mapping[str, torch.Tensor] | None = None) -> Inputs:
     """The given modalities (default: all) replaced by zeros, or by a training mean (`fill="mean"`, `mean=` a
@@ -36,7 +35,6 @@ def missing(model: nn.Module, inputs: Inputs, y=None, modalities=None, fill: str
     return out
 
 
-@register_attack("mgn")
 def mgn(model: nn.Module, inputs: Inputs, y=None, sigma: float | Mapping[str, float] = 0.1, modalities=None,
         seed=None, clamp: bool = True) -> Inputs:
     """Additive Gaussian noise of std sigma (model space) on the given modalities (default: all)."""
@@ -48,7 +46,6 @@ def mgn(model: nn.Module, inputs: Inputs, y=None, sigma: float | Mapping[str, fl
     return out
 
 
-@register_attack("mpm")
 def mpm(model: nn.Module, inputs: Inputs, y=None, p: float | Mapping[str, float] = 0.1, modalities=None,
         seed=None, clamp: bool = True) -> Inputs:
     """Each cell set to zero (model space) with probability p: a cell is a pixel of a frame (all its channels)

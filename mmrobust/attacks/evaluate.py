@@ -10,7 +10,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .core import Inputs, attack_mode, logits_of, run_attack
+from .core import Inputs, attack_mode, logits_of
+from .registry import run_attack
 
 NON_INPUT_KEYS = ("label", "index")
 Spec = tuple  # (name, params) | (label, name, params)

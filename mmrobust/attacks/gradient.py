@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core import (Group, Inputs, bcast, budget_groups, group_norm, inverse_norms, logits_of, make_generator,
-                   per_modality, pixel_box, projection_scales, register_attack, target_modalities, uniform_in_balls)
+                   per_modality, pixel_box, projection_scales, target_modalities, uniform_in_balls)
 
 Objective = Callable[[Inputs], torch.Tensor]  # per-sample objectives summed over the batch: a scalar
 
@@ -83,7 +83,6 @@ def _where(mask: torch.Tensor, a: Inputs, b: Inputs, groups: list[Group]) -> Inp
     return {**b, **picked}
 
 
-@register_attack("pgd")
 def pgd(model: nn.Module, inputs: Inputs, y: torch.Tensor, eps: float | Mapping[str, float] = 0.5, steps: int = 4,
         step_size: float | Mapping[str, float] | None = None, restarts: int = 1, random_start: bool = False,
         modalities=None, clamp: bool = True, seed=None) -> Inputs:
@@ -105,7 +104,6 @@ def pgd(model: nn.Module, inputs: Inputs, y: torch.Tensor, eps: float | Mapping[
     return best
 
 
-@register_attack("fgm")
 def fgm(model: nn.Module, inputs: Inputs, y: torch.Tensor, eps: float | Mapping[str, float] = 0.5,
         modalities=None, clamp: bool = True) -> Inputs:
     """One step x_m + eps * g_m / sqrt(sum_m ||g_m||^2) (per-modality normalisation for a dict eps)."""
@@ -117,7 +115,6 @@ def joint_embedding(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     return torch.cat([f.flatten(1) for f in model.encode(inputs).values()], 1)
 
 
-@register_attack("mea")
 def mea(model: nn.Module, inputs: Inputs, y: torch.Tensor | None = None, eps: float | Mapping[str, float] = 0.5,
         steps: int = 10, step_size: float | Mapping[str, float] | None = None, restarts: int = 1,
         random_start: bool = True, modalities=None, clamp: bool = True, seed=None) -> Inputs:

@@ -26,7 +26,7 @@ def _beta(alpha: float, generator: torch.Generator) -> torch.Tensor:
 def adversarial_inputs(model: nn.Module, inputs: dict, y: torch.Tensor, eps: float, steps: int,
                        step_size: float | None = None) -> dict:
     """Joint l2 PGD training examples (model in eval mode while attacking, restored afterwards)."""
-    from mmrobust.attacks import run_attack
+    from mmrobust.attacks.registry import run_attack
 
     return run_attack("pgd", model, inputs, y, eps=eps, steps=steps,
                       step_size=step_size if step_size is not None else eps / steps)

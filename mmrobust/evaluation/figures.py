@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmrobust.analysis import eta_ratio, plot_eta_ratio, plot_tsne, tsne_embeddings, vulnerability_indicators
+from mmrobust.analysis.representation import plot_tsne, tsne_embeddings
+from mmrobust.analysis.vulnerability import eta_ratio, plot_eta_ratio, vulnerability_indicators
+from mmrobust.checkpoint import MODEL_FILE, load_trained
 from mmrobust.config import Params
+from mmrobust.evaluation.measure import test_loader
 
 
 def ratio_pair(modalities: list[str]) -> tuple[str, str]:
@@ -15,12 +18,10 @@ def ratio_pair(modalities: list[str]) -> tuple[str, str]:
 
 
 def analysis_figures(params: Params, ids: list[str], models_dir: str | Path, out: Path, log=print) -> list[Path]:
-    from mmrobust.evaluation import load_trained, test_loader
-
     cfg = params.evaluate
     written: list[Path] = []
     for mid in [m for m in ids if m in cfg.eta_models or m in cfg.tsne_models]:
-        predictor, p, ckpt = load_trained(Path(models_dir) / mid / "model.pt")
+        predictor, p, ckpt = load_trained(Path(models_dir) / mid / MODEL_FILE)
         model = predictor.model
         if p.train.model.fusion != "late":
             log(f"[evaluate] {mid}: η and t-SNE need a late-fusion model; skipped")

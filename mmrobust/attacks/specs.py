@@ -1,0 +1,185 @@
+"""What each attack declares to the evaluation (torch-free, so params validate without loading torch): its
+title in tables, its kind, its own params (the `evaluate.attacks.<name>` group) and its grid, the measurements it
+contributes to a model's evaluation. The implementation is listed under the same name in registry.py; a
+test checks that both agree.
+
+Kinds: `robust` attacks are l2-bounded adversaries, measured jointly at every joint radius and per modality at
+the uni-modal radii (T1/T2 columns and headline metrics); `missing` removes a modality (T2 columns);
+`corruption` attacks have their own sizes (T7 columns). The radii are the evaluation's (`evaluate.joint_eps`,
+`uni_eps` and, for the curve models, `joint_grid`/`uni_grid`); an attack's `joint_curve`/`uni_curve` says
+whether it is run on those grids.
+
+Adding an attack: one `AttackSpec` here and its function in the attacks package; nothing else changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AttackParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured perturbation of a model: attack `attack` on `modality` ("all": joint) of size `eps`
+    (radius, sigma or masking probability; 0 for missing), called with `params`."""
+    attack: str
+    modality: str
+    eps: float
+    params: tuple  # sorted (key, value) pairs passed to the attack function
+
+    @property
+    def label(self) -> str:  # unique key of a measurement in the evaluation cache
+        return f"{self.attack}|{self.modality}|{self.eps:g}"
+
+    def kwargs(self) -> dict:
+        return dict(self.params)
+
+
+def measurement(attack: str, modality: str, size: float, **params) -> Measurement:
+    return Measurement(attack, modality, float(size), tuple(sorted(params.items())))
+
+
+@dataclass(frozen=True)
+class Radii:
+    """The l2 radii the evaluation asks of robust attacks for one model."""
+    joint: tuple[float, ...]        # joint_eps, plus joint_grid for the joint-curve models
+    uni: tuple[float, ...]          # uni_eps, plus uni_grid for the uni-curve models
+    joint_main: float               # joint_eps (T1 and the headline metrics)
+    uni_main: float                 # uni_eps (T2)
+    modalities: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    title: str
+    kind: Literal["robust", "missing", "corruption"]
+    Params: type[AttackParams]
+    grid: Callable[[AttackParams, Radii], list[Measurement]]
+
+
+SPECS: dict[str, AttackSpec] = {}
+
+
+def declare(name: str, title: str, kind: str, params: type[AttackParams]):
+    def deco(grid):
+        if name in SPECS:
+            raise ValueError(f"attack {name!r} declared twice")
+        SPECS[name] = AttackSpec(name, title, kind, params, grid)
+        return grid
+    return deco
+
+
+def _radii(r: Radii, curve: bool, uni: bool) -> list[float]:
+    if uni:
+        return sorted(set(r.uni) if curve else {r.uni_main})
+    return sorted(set(r.joint) if curve else {r.joint_main})
+
+
+def l2_grid(name: str, p, r: Radii, kw: Callable[[float], dict]) -> list[Measurement]:
+    """A robust attack at every joint radius (all modalities in one ball), then per modality at the uni-modal
+    radii; `kw(eps)` gives the attack's own arguments at radius eps."""
+    out = [measurement(name, "all", e, eps=e, **kw(e)) for e in _radii(r, p.joint_curve, False) if e > 0]
+    for m in r.modalities:
+        out += [measurement(name, m, e, eps=e, modalities=[m], **kw(e))
+                for e in _radii(r, p.uni_curve, True) if e > 0]
+    return out
+
+
+class FGMParams(AttackParams):
+    joint_curve: bool = Field(True, description="also at joint_grid for the curve models (T11, F5)")
+    uni_curve: bool = Field(False, description="also at uni_grid for the curve models")
+
+
+@declare("fgm", "FGM", "robust", FGMParams)
+def _fgm_grid(p: FGMParams, r: Radii) -> list[Measurement]:
+    return l2_grid("fgm", p, r, lambda e: {})
+
+
+class PGDParams(AttackParams):
+    steps: int = Field(4, ge=1, le=10000)
+    step_ratio: float = Field(1 / 3, gt=0, le=1, description="step size = ratio * eps (reference: eps/3)")
+    restarts: int = Field(1, ge=1, le=100)
+    random_start: bool = False
+    joint_curve: bool = Field(True, description="also at joint_grid for the curve models (T11, F5)")
+    uni_curve: bool = Field(True, description="also at uni_grid for the curve models (F1/F4)")
+
+
+@declare("pgd", "PGD", "robust", PGDParams)
+def _pgd_grid(p: PGDParams, r: Radii) -> list[Measurement]:
+    return l2_grid("pgd", p, r, lambda e: dict(steps=p.steps, step_size=e * p.step_ratio, restarts=p.restarts,
+                                                  random_start=p.random_start))
+
+
+class MissingParams(AttackParams):
+    pass
+
+
+@declare("missing", "Missing", "missing", MissingParams)
+def _missing_grid(p: MissingParams, r: Radii) -> list[Measurement]:
+    return [measurement("missing", m, 0.0, modalities=[m]) for m in r.modalities]
+
+
+class MGNParams(AttackParams):
+    sigma: list[float] = Field([0.1, 0.5], description="Gaussian noise std on every modality (T7)")
+
+
+@declare("mgn", "MGN", "corruption", MGNParams)
+def _mgn_grid(p: MGNParams, r: Radii) -> list[Measurement]:
+    return [measurement("mgn", "all", s, sigma=s) for s in p.sigma]
+
+
+class MPMParams(AttackParams):
+    p: list[float] = Field([0.1, 0.3], description="pixel masking probability (T7)")
+
+
+@declare("mpm", "MPM", "corruption", MPMParams)
+def _mpm_grid(p: MPMParams, r: Radii) -> list[Measurement]:
+    return [measurement("mpm", "all", q, p=q) for q in p.p]
+
+
+class MEAParams(AttackParams):
+    eps: float = Field(0.5, ge=0, description="embedding attack radius (T7); 0: not run")
+    steps: int = Field(10, ge=1, le=10000)
+
+
+@declare("mea", "MEA", "corruption", MEAParams)
+def _mea_grid(p: MEAParams, r: Radii) -> list[Measurement]:
+    return [measurement("mea", "all", p.eps, eps=p.eps, steps=p.steps)] if p.eps > 0 else []
+
+
+def default_attacks() -> dict[str, AttackParams]:
+    return {name: spec.Params() for name, spec in SPECS.items()}
+
+
+def validate_attacks(raw: dict) -> dict[str, AttackParams]:
+    """`evaluate.attacks` ({name: params}) checked against the declarations; the message names the key."""
+    out = {}
+    for name, values in (raw or {}).items():
+        if name not in SPECS:
+            raise ValueError(f"unknown attack {name!r}; declared: {sorted(SPECS)}")
+        out[name] = values if isinstance(values, SPECS[name].Params) else SPECS[name].Params.model_validate(
+            values or {})
+    return out
+
+
+def grid(attacks: dict[str, AttackParams], radii: Radii) -> list[Measurement]:
+    """Every measurement of the configured attacks, in their order, deduplicated by label."""
+    out: dict[str, Measurement] = {}
+    for name, p in attacks.items():
+        for m in SPECS[name].grid(p, radii):
+            out.setdefault(m.label, m)
+    return list(out.values())
+
+
+def titles() -> dict[str, str]:
+    return {"clean": "Clean", **{name: s.title for name, s in SPECS.items()}, "certified": "CA"}
+
+
+def of_kind(attacks, kind: str) -> list[str]:
+    return [a for a in attacks if a in SPECS and SPECS[a].kind == kind]

@@ -1,0 +1,82 @@
+"""The one training loop (`mmrobust.train.run`) and the one checkpoint owner (`mmrobust.checkpoint`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import tiny_data
+from mmrobust import checkpoint
+from mmrobust.config import parse_params
+from mmrobust.train import Trainer, run
+
+
+def make_trainer(method="crmt_jt", **hp) -> Trainer:
+    train = {"method": method, "epochs": 2, "batch_size": 8, "model": {"width": 4}}
+    return Trainer(parse_params({"train": train, "crmt": {"step2_epochs": 1}, **hp}), data=tiny_data())
+
+
+def test_run_reports_every_epoch_and_ends_on_the_selected_model():
+    tr, seen = make_trainer(), []
+    last = run(tr, report=lambda e, m, t: seen.append((e, dict(m))), log=lambda *_: None)
+    assert [e for e, _ in seen] == list(range(tr.epochs)) == [0, 1, 2]
+    assert all(m["epochs_total"] == 3 for _, m in seen) and "test_acc" in last and "test_acc" not in seen[0][1]
+    best = max((m for _, m in seen if m["phase"] == seen[-1][1]["phase"]), key=lambda m: m["val_acc"])
+    assert last["best_val_acc"] == best["val_acc"]
+    for k, v in tr.best["model"].items():  # the model left in the trainer is the selected one
+        assert torch.equal(tr.model.state_dict()[k], v)
+
+
+def test_a_tuning_objective_scores_val_and_never_looks_at_test():
+    tr = make_trainer("jt")
+    last = run(tr, objective={"eps": 0.5, "steps": 2, "step_ratio": 0.5}, log=lambda *_: None)
+    assert 0 <= last["val_pgd_acc"] <= last["val_acc"] + 1e-9
+    assert not any(k.startswith("test_") for k in last)
+
+
+def test_resuming_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path):
+    full = make_trainer()
+    run(full, log=lambda *_: None)
+    first = make_trainer()
+    states = {}
+    run(first, report=lambda e, m, t: states.setdefault(e, checkpoint.save(t.state_dict(e), tmp_path / f"{e}.pt")),
+        log=lambda *_: None)
+    resumed = make_trainer()
+    start = resumed.load_state_dict(checkpoint.load(states[0]))  # crosses the step-1 -> step-2 phase change
+    assert start == 1
+    lines = []
+    run(resumed, start, log=lines.append)
+    assert [line.split()[2] for line in lines] == ["2/3", "3/3"]
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoints_load_as_plain_data_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "method": "jt", "config": Evil(), "num_classes": 2, "modalities": ["audio"]},
+               tmp_path / "evil.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="evil.pt: not a readable mmrobust checkpoint"):
+        checkpoint.load(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()  # nothing ran
+    (tmp_path / "torn.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="torn.pt"):
+        checkpoint.load(tmp_path / "torn.pt")
+
+
+def test_model_file_round_trip_rebuilds_the_same_predictor(tmp_path):
+    tr = make_trainer()
+    run(tr, log=lambda *_: None)
+    path = checkpoint.save(checkpoint.model_file(tr.state_dict(tr.epochs - 1), {"test_acc": 1.0}), tmp_path / "m.pt")
+    raw = torch.load(path, weights_only=True)  # plain data: no pickled objects
+    assert not set(checkpoint.TRAINING_ONLY) & set(raw) and raw["metrics"] == {"test_acc": 1.0}
+    predictor, params, ckpt = checkpoint.load_trained(path)
+    assert params.train.method == "crmt_jt" and ckpt["history"] == tr.history
+    batch, _ = next(tr.batches("test"))
+    tr.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(predictor(batch), tr.method.predict(tr.model, batch))
