@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mmrobust.attacks.specs import default_attacks, validate_attacks
+from mmrobust.methods import catalog
 
 
 class ConfigError(ValueError):
@@ -449,31 +450,27 @@ _FULL: type[Params] | None = None
 
 
 def params_model() -> type[Params]:
-    """Params plus one group per registered method family (crmt, ogm_ge, ...), built once on first use."""
+    """Params plus one group per method family of the catalog (crmt, ogm_ge, ...), built once on first use."""
     global _FULL
     if _FULL is None:
         from pydantic import create_model
 
-        from mmrobust.methods import params_models
-
-        fields = {key: (model, model()) for key, model in params_models().items()}
+        fields = {key: (model, model()) for key, model in catalog.GROUPS.items()}
         _FULL = create_model("Params", __base__=Params, **fields)
     return _FULL
 
 
 def _check_methods(params: Params) -> list[str]:
-    from mmrobust.methods import METHODS
-
     errors = []
-    if params.train.method not in METHODS:
-        errors.append(f"  train.method: got {params.train.method!r}; allowed values: {sorted(METHODS)}")
+    if params.train.method not in catalog.PARAMS_KEYS:
+        errors.append(f"  train.method: got {params.train.method!r}; allowed values: {sorted(catalog.PARAMS_KEYS)}")
     entries = [(f"models.{k}", e) for k, e in params.models.items()]
     entries += [(f"tuned_models.{k}", e) for k, e in params.tuned_models.items()] + [("tune.base", params.tune.base)]
     for where, entry in entries:
-        if entry.method not in METHODS:
-            errors.append(f"  {where}.method: got {entry.method!r}; allowed values: {sorted(METHODS)}")
+        if entry.method not in catalog.PARAMS_KEYS:
+            errors.append(f"  {where}.method: got {entry.method!r}; allowed values: {sorted(catalog.PARAMS_KEYS)}")
             continue
-        group = METHODS[entry.method].params_key or "train"
+        group = catalog.PARAMS_KEYS[entry.method] or "train"
         if entry.group != group:
             errors.append(f"  {where}.group: method {entry.method!r} reads group {group!r}, got {entry.group!r}")
     errors += _check_datasets(params)

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,12 @@ def test_model_modalities_default_to_the_extracted_ones():
     both = parse_params({"extract": {"frame_modalities": ["visual", "flow"], "audio_modalities": []}})
     assert both.modalities == ["visual", "flow"]
     assert parse_params({"train": {"modalities": ["flow"]}}).modalities == ["flow"]  # train.modalities wins
+
+
+def test_params_validate_without_torch():
+    """Stages that need no model (generate, ingest, plan) load and validate params without importing torch."""
+    code = ("import sys; import mmrobust.config, mmrobust.plan, stages.generate, stages.ingest, stages.plan; "
+            "from mmrobust.config import load_params; load_params('params.yaml'); "
+            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from helpers import tiny_data
 from mmrobust.config import ConfigError, parse_params
-from mmrobust.methods import METHODS, build_method
+from mmrobust.methods import METHODS, MethodParams, build_method, catalog, params_models
 from mmrobust.methods.crmt import mix_margin, split_epochs
 from mmrobust.train import Trainer
 
@@ -129,6 +129,19 @@ def test_method_params_are_validated():
                                               "overrides": {"crmt": {"iterations": 2}}}}})
     assert params.for_model("it2").crmt.iterations == 2 and params.crmt.iterations == 1
     assert params.for_model("it2").train.method == "crmt_jt"
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) | set(catalog.PARAMS_KEYS)))
+def test_catalog_and_registry_agree(name):
+    """The config validates from methods/catalog.py alone: each method must be declared there as registered."""
+    assert name in catalog.PARAMS_KEYS and name in METHODS, "declare the method in catalog.py and register its class"
+    key = catalog.PARAMS_KEYS[name]
+    assert METHODS[name].params_key == key
+    assert METHODS[name].Params is (catalog.GROUPS[key] if key else MethodParams)
+
+
+def test_catalog_groups_are_the_registered_families_in_order():
+    assert list(catalog.GROUPS) == list(params_models())  # the order of the config's groups
 
 
 def test_training_is_reproducible():

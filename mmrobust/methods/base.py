@@ -8,7 +8,7 @@ The trainer (mmrobust/train.py) calls, per epoch of each phase:
     method.on_epoch_end(model, ctx)
 
 Hyper-parameters come from the top-level params group `<params_key>` (e.g. `crmt`), validated by the
-method's `Params` model (mmrobust.config.params_model adds one group per registered family).
+method's `Params` model; both are declared in catalog.py, which the config reads without importing torch.
 Extra trainable modules (uni-modal heads, prototypes, ...) are attached in `prepare(model)` as attributes of the
 model, so they are saved in checkpoints, moved to the device and synchronised by DDP like everything else.
 """
@@ -20,11 +20,8 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 
-
-class MethodParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from mmrobust.methods.catalog import MethodParams
 
 
 @dataclass

@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
 
-from mmrobust.methods.base import Method, MethodParams, register_method
+from mmrobust.methods import catalog
+from mmrobust.methods.base import Method, register_method
 from mmrobust.methods.common import adversarial_inputs, mixup
 
 FUSED = "fused"  # Gradient Blending's key for the multimodal head
@@ -68,12 +68,6 @@ def blend_weights(prev: dict, cur: dict, min_overfit: float = 1e-2) -> dict:
     return {k: w / total for k, w in raw.items()}
 
 
-class GBParams(MethodParams):
-    reestimate_every: int = Field(2, ge=1, le=1000, description="epochs between weight re-estimations")
-    min_overfit: float = Field(1e-2, gt=0, description="floor of ΔO in w ∝ G/ΔO²")
-    estimate_batches: int | None = Field(None, ge=1, description="batches per split for the estimates (None: all)")
-
-
 @register_method
 class GradientBlending(Method):
     """GB: loss = Σ_m w_m CE(g_m(φ_m), y) + w_fused CE(h(x), y), with linear uni-modal heads g_m
@@ -82,7 +76,7 @@ class GradientBlending(Method):
     name = "gb"
     head = "concat"
     params_key = "gb"
-    Params = GBParams
+    Params = catalog.GBParams
 
     def prepare(self, model):
         K = _num_classes(model)
@@ -158,14 +152,6 @@ def _coefficients(rho: torch.Tensor, names: list, alpha: float, shift: bool) -> 
     return out
 
 
-class OGMParams(MethodParams):
-    alpha: float = Field(0.5, gt=0, le=2, description="modulation strength (paper range 0.1–0.8)")
-    modulation_start: int = Field(0, ge=0, description="first modulated epoch")
-    modulation_end: int | None = Field(None, ge=0, description="first epoch no longer modulated (None: never stops)")
-    ge_noise: bool = Field(True, description="GE: add N(0, std(grad)²) to the encoders' gradients")
-    shift: bool = Field(False, description="1 − tanh(α(ρ−1)) instead of the official 1 − tanh(α ρ)")
-
-
 @register_method
 class OGMGE(Method):
     """OGM-GE: fused CE; after the backward pass (gradients already averaged over workers), for epochs in
@@ -176,7 +162,7 @@ class OGMGE(Method):
     name = "ogm_ge"
     head = "concat"
     params_key = "ogm_ge"
-    Params = OGMParams
+    Params = catalog.OGMParams
 
     def __init__(self, cfg, params=None):
         super().__init__(cfg, params)
@@ -250,15 +236,6 @@ def prototype_logits(features: torch.Tensor, protos: torch.Tensor, squared: bool
     return -d2 if squared else -(d2 + 1e-12).sqrt()  # the epsilon keeps the sqrt's gradient finite at 0
 
 
-class PMRParams(MethodParams):
-    beta: float = Field(1.0, ge=0, description="PCE scale: weak modality m gets β·(1/ρ_m − 1)")
-    gamma: float = Field(0.0, ge=0, description="PER scale: dominant modality m gets γ·(ρ_m − 1) (0: off)")
-    per_epochs: int | None = Field(None, ge=0, description="PER only in the first epochs (None: all)")
-    proto_momentum: float = Field(0.5, ge=0, lt=1, description="C ← μ C_old + (1 − μ) class mean")
-    proto_batches: int | None = Field(None, ge=1, description="train batches for the prototypes (None: all)")
-    squared_distance: bool = Field(False, description="−‖φ − c‖² logits instead of the official −‖φ − c‖")
-
-
 @register_method
 class PMR(Method):
     """PMR (Fan et al. 2023): prototypes C_m = EMA over epochs of the class means of φ_m on the train split
@@ -269,7 +246,7 @@ class PMR(Method):
     name = "pmr"
     head = "concat"
     params_key = "pmr"
-    Params = PMRParams
+    Params = catalog.PMRParams
 
     def prepare(self, model):
         model.pmr_prototypes = Prototypes(model.head.dims, _num_classes(model))
@@ -328,10 +305,6 @@ class PMR(Method):
 
 # ------------------------------------------------------------------------------------------ Mixup and MMAT
 
-class MixupParams(MethodParams):
-    alpha: float = Field(1.0, gt=0, description="λ ~ Beta(α, α)")
-
-
 @register_method
 class Mixup(Method):
     """Multimodal mixup: x̃_m = λ x_m + (1 − λ) x_m[π] with ONE λ ~ Beta(α, α) and ONE permutation π for all
@@ -339,20 +312,13 @@ class Mixup(Method):
     name = "mixup"
     head = "concat"
     params_key = "mixup"
-    Params = MixupParams
+    Params = catalog.MixupParams
 
     def loss(self, model, inputs, y, ctx):
         mixed, ya, yb, lam = mixup(inputs, y, self.p.alpha)
         logits = model(mixed).logits
         loss = lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
         return loss, {"ce": loss.detach(), "lam": lam}
-
-
-class MMATParams(MethodParams):
-    eps: float = Field(0.1, gt=0, description="joint l2 radius (as CRMT-AT's adv_eps, for a like comparison)")
-    steps: int = Field(5, ge=1, le=100)
-    step_size: float | None = Field(None, gt=0, description="None: eps / steps")
-    clean_weight: float = Field(0.0, ge=0, le=1, description="loss = (1 − c) CE(adv) + c CE(clean)")
 
 
 @register_method
@@ -363,7 +329,7 @@ class MMAT(Method):
     name = "mmat"
     head = "concat"
     params_key = "mmat"
-    Params = MMATParams
+    Params = catalog.MMATParams
 
     def loss(self, model, inputs, y, ctx):
         adv = adversarial_inputs(model, inputs, y, self.p.eps, self.p.steps, self.p.step_size)

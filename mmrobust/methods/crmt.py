@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from mmrobust import crmt as C
-from mmrobust.methods.base import Method, MethodParams, Phase, register_method
+from mmrobust.methods import catalog
+from mmrobust.methods.base import Method, Phase, register_method
 from mmrobust.methods.common import adversarial_inputs, mixup
 
 
@@ -29,21 +29,6 @@ class OJT(JT):
     head = "crmt"
 
 
-class CRMTParams(MethodParams):
-    rho: float = Field(2.0, ge=0, description="weight of the margin regulariser (paper 2.0)")
-    iterations: int = Field(1, ge=1, le=32, description="alternations of step 1 and step 2 (paper Table 11)")
-    step2_epochs: int = Field(5, ge=0, le=10000, description="reference: 45")
-    step2_lr: float = Field(1e-2, gt=0, description="reference: 3e-5 (with 45 epochs)")
-    step2_momentum: float = Field(0.9, ge=0, lt=1)
-    step2_weight_decay: float = Field(1e-2, ge=0)
-    tau_batches: int | None = Field(None, ge=1, description="batches used to estimate τ (None: whole train split)")
-    adv_eps: float = Field(0.1, gt=0, description="CRMT-AT training radius (joint l2)")
-    adv_steps: int = Field(5, ge=1)
-    mix_alpha: float = Field(1.0, gt=0, description="CRMT-Mix: λ ~ Beta(α, α)")
-    margin_eps: float = Field(1e-5, ge=0, description="added inside the margin log, as the reference does")
-    reference_compat: bool = False
-
-
 def split_epochs(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
@@ -55,7 +40,7 @@ class CRMTJT(Method):
     name = "crmt_jt"
     head = "crmt"
     params_key = "crmt"
-    Params = CRMTParams
+    Params = catalog.CRMTParams
     use_step1_margin = True
     use_step2 = True
 

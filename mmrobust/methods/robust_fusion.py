@@ -6,14 +6,13 @@ Methods that change the prediction at test time (msefm, ume_mma, jacobian_fusion
 from __future__ import annotations
 
 from itertools import combinations
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
 
-from mmrobust.methods.base import Method, MethodParams, register_method
+from mmrobust.methods import catalog
+from mmrobust.methods.base import Method, register_method
 from mmrobust.methods.common import adversarial_inputs
 from mmrobust.methods.crmt import JT
 
@@ -118,14 +117,6 @@ def cosine_similarity_loss(features: dict[str, torch.Tensor], memory: FeatureMem
     return torch.stack(sims).mean()
 
 
-class MSEFMParams(MethodParams):
-    sim_weight: float = Field(1.0, ge=0, description="λ of the MinSim cosine term")
-    memory_per_class: int = Field(16, ge=1, le=4096, description="clean training features stored per class")
-    sparse_lam: float = Field(0.1, ge=0, lt=1, description="l1 weight relative to max_j |<a_j, φ>| (1: all-zero code)")
-    sparse_iters: int = Field(100, ge=1, le=10000, description="FISTA iterations at test time")
-    memory_batches: int | None = Field(None, ge=1, description="cap on train batches read to fill the memory")
-
-
 @register_method
 class MSEFM(Method):
     """MinSim + ExFMem (Tian & Xu 2021).
@@ -141,7 +132,7 @@ class MSEFM(Method):
     name = "msefm"
     head = "concat"
     params_key = "msefm"
-    Params = MSEFMParams
+    Params = catalog.MSEFMParams
 
     def prepare(self, model):
         model.msefm = FeatureMemory(_dims(model), _num_classes(model), self.p.memory_per_class)
@@ -178,10 +169,6 @@ def present_mask(inputs: dict) -> dict[str, torch.Tensor]:
     return {m: x.flatten(1).ne(0).any(1) for m, x in inputs.items()}
 
 
-class UMEParams(MethodParams):
-    drop_missing: bool = Field(True, description="MMA: leave all-zero (missing) modalities out of the ensemble")
-
-
 @register_method
 class UMEMMA(Method):
     """Uni-modal ensemble with missing-modality adaptation (after Li et al. 2023).
@@ -193,7 +180,7 @@ class UMEMMA(Method):
     name = "ume_mma"
     head = "concat"
     params_key = "ume_mma"
-    Params = UMEParams
+    Params = catalog.UMEParams
 
     def prepare(self, model):
         model.ume_heads = _uni_heads(model)
@@ -221,10 +208,6 @@ class UMEMMA(Method):
 
 
 # ====================================================================================================== RMTL
-class RMTLParams(MethodParams):
-    uni_weight: float = Field(1.0, ge=0, description="w of each modality-specific task")
-
-
 @register_method
 class RMTL(Method):
     """Robust multi-task learning (after Ma et al. 2022): L = CE(h(x), y) + w · Σ_m CE(g_m(φ_m), y), with an extra
@@ -232,7 +215,7 @@ class RMTL(Method):
     name = "rmtl"
     head = "concat"
     params_key = "rmtl"
-    Params = RMTLParams
+    Params = catalog.RMTLParams
 
     def prepare(self, model):
         model.rmtl_heads = _uni_heads(model)
@@ -334,12 +317,6 @@ def jacobian_grams(model: nn.Module, inputs: dict, max_elements: int = 2 ** 26
     return {m: torch.cat(v) for m, v in grams.items()}, torch.cat(logits)
 
 
-class JacobianFusionParams(MethodParams):
-    gamma: float = Field(1.0, ge=0, description="weight of the Jacobian penalty (0: the plain head)")
-    output: Literal["prob", "logit"] = Field("prob", description="p whose Jacobian is penalised: softmax or logits")
-    max_elements: int = Field(2 ** 26, ge=1, description="Jacobian entries held at once (memory bound)")
-
-
 @register_method
 class JacobianFusion(JT):
     """Training-free robust late fusion by sample-wise Jacobian regularisation (Gao et al. 2022), on a JT model.
@@ -350,7 +327,7 @@ class JacobianFusion(JT):
     """
     name = "jacobian_fusion"
     params_key = "jacobian_fusion"
-    Params = JacobianFusionParams
+    Params = catalog.JacobianFusionParams
     predict_cost = 6.0  # per-sample Jacobians in every prediction: 74 s vs ~13 s for JT's 11 attacks (measured)
 
     def fusion_matrices(self, model, inputs) -> dict[str, torch.Tensor]:
@@ -397,13 +374,6 @@ def vulnerability_weights(v: dict[str, torch.Tensor], temperature: float) -> dic
     return {m: w[i] for i, m in enumerate(v)}
 
 
-class VARMATParams(MethodParams):
-    eps: float = Field(0.1, gt=0, description="joint l2 PGD training radius")
-    steps: int = Field(5, ge=1, le=100, description="PGD steps of eps/steps")
-    beta: float = Field(1.0, ge=0, description="weight of the vulnerability regulariser")
-    temperature: float = Field(1.0, gt=0, description="T of the vulnerability weights")
-
-
 @register_method
 class VARMAT(Method):
     """Vulnerability-aware robust multimodal adversarial training (after arXiv 2511.18138).
@@ -415,7 +385,7 @@ class VARMAT(Method):
     name = "varmat"
     head = "concat"
     params_key = "varmat"
-    Params = VARMATParams
+    Params = catalog.VARMATParams
 
     def loss(self, model, inputs, y, ctx):
         adv = adversarial_inputs(model, inputs, y, self.p.eps, self.p.steps)

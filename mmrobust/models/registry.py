@@ -1,10 +1,10 @@
-"""Name -> constructor registries for encoders and fusion heads, and `build_model(spec)`.
+"""Name -> constructor registries of encoders, heads and fusions, and `ModelSpec` (build.py builds the model).
 
 An encoder factory is called as `factory(in_channels=int, width=int, **encoder_kwargs)` and must return a module
 with an `out_dim` attribute that maps (B, C, H, W) or (B, T, C, H, W) to (B, out_dim).
 A head factory is called as `factory(dims: dict[str, int], num_classes: int, **head_kwargs)` and must return a
 module mapping a features dict to `(logits, scores)` (see fusion.py).
-`spec.fusion` picks how encoders and head are wired: "late" (LateFusionModel, built here) or an entry of FUSIONS,
+`spec.fusion` picks how encoders and head are wired: "late" (LateFusionModel) or an entry of FUSIONS,
 a `factory(spec) -> model` with LateFusionModel's interface ("mmtm", "mmt": intermediate.py).
 New entries register themselves with the decorators:
 
@@ -81,23 +81,3 @@ def input_channels(spec: ModelSpec, m: str) -> int:
         raise ValueError(f"model spec: cannot infer input channels of modality {m!r}; "
                          f"known {sorted(IN_CHANNELS)}, or set in_channels[{m!r}]")
     return channels
-
-
-def build_model(spec: ModelSpec | Mapping) -> nn.Module:
-    from .fusion import LateFusionModel
-
-    if not isinstance(spec, ModelSpec):
-        spec = ModelSpec.from_dict(spec)
-    if not spec.modalities or len(set(spec.modalities)) != len(spec.modalities):
-        raise ValueError(f"model spec: modalities must be a non-empty list of distinct names, got {spec.modalities}")
-    if spec.fusion != "late":
-        from . import intermediate  # noqa: F401  (registers "mmtm" and "mmt")
-        return _lookup(FUSIONS, "fusion", spec.fusion)(spec)
-    encoders = {}
-    for m in spec.modalities:
-        name = spec.encoder if isinstance(spec.encoder, str) else spec.encoder[m]
-        encoders[m] = _lookup(ENCODERS, "encoder", name)(
-            in_channels=input_channels(spec, m), width=spec.width, **spec.encoder_kwargs.get(m, {}))
-    dims = {m: enc.out_dim for m, enc in encoders.items()}
-    head = _lookup(HEADS, "head", spec.head)(dims, spec.num_classes, **spec.head_kwargs)
-    return LateFusionModel(encoders, head)
