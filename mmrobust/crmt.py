@@ -71,6 +71,15 @@ def step2_loss(out, y: torch.Tensor, tau, a, b: torch.Tensor) -> torch.Tensor:
     return -certified_bound(out, y, tau, a, b).mean()
 
 
+@torch.no_grad()
+def project_weights(head: nn.Module) -> None:
+    """a_m <- max(a_m, 0) in place: the bound of eq. 10 (and the certificate built on it) holds for
+    non-negative modality weights only; a plain SGD step on a can cross zero, and the step-2 objective would then
+    reward a radius that is not one."""
+    for a in head.a.values():
+        a.clamp_(min=0)
+
+
 def step2_parameters(model: nn.Module, freeze: bool = True) -> list[nn.Parameter]:
     """The CRMT head's a_m (in modality order), the only parameters step 2 trains.
 

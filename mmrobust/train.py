@@ -188,6 +188,7 @@ class Trainer:
             sync_gradients(params)
             self.method.after_backward(self.model, ctx)
             self.opt.step()
+            self.method.after_step(self.model, ctx)
             ctx.step += 1
             n_batches += 1
             n_samples += len(y)

@@ -159,3 +159,25 @@ def test_jt_learns_the_tiny_task():
         tr.run_epoch(e)
     assert tr.evaluate("train_eval")["acc"] > 0.85 and tr.evaluate("val")["acc"] > 0.75
     assert F.softmax(tr.model(next(tr.batches("val"))[0]).logits, 1).max(1).values.mean() > 0.5
+
+
+@pytest.mark.parametrize("projected", [True, False])
+def test_crmt_keeps_modality_weights_non_negative(projected):
+    """Paper eq. 10 assumes a_m >= 0. Started near zero with a large step-2 learning rate, plain SGD (the former
+    code: no projection) drives some a_{m,k} below 0; CRMT projects after every optimiser step."""
+    tr = make_trainer("crmt_jt", crmt={"step2_epochs": 2, "step2_lr": 1.0, "step2_momentum": 0.0,
+                                       "step2_weight_decay": 0.0})
+    if not projected:
+        tr.method.after_step = lambda model, ctx: None
+    tr.run_epoch(0)  # step 1
+    with torch.no_grad():
+        for a in tr.model.head.a.values():
+            a.fill_(1e-3)
+    lowest = []
+    for e in range(1, tr.epochs):  # step 2
+        tr.run_epoch(e)
+        lowest.append(min(float(v.min()) for v in tr.model.head.a.values()))
+    if projected:
+        assert min(lowest) >= 0
+    else:
+        assert min(lowest) < 0, "the case must drive a below 0 without the projection"

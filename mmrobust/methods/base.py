@@ -4,7 +4,8 @@ A method sees a `LateFusionModel` (mmrobust.models) and the batch as `inputs: di
 The trainer (mmrobust/train.py) calls, per epoch of each phase:
 
     method.on_epoch_start(model, ctx)
-    for each batch:  loss, logs = method.loss(model, inputs, y, ctx); backward; method.after_backward(model, ctx); step
+    for each batch:  loss, logs = method.loss(model, inputs, y, ctx); backward; method.after_backward(model, ctx); step;
+                     method.after_step(model, ctx)
     method.on_epoch_end(model, ctx)
 
 Hyper-parameters come from the top-level params group `<params_key>` (e.g. `crmt`), validated by the
@@ -79,6 +80,9 @@ class Method:
 
     def after_backward(self, model: nn.Module, ctx: Ctx) -> None:
         pass
+
+    def after_step(self, model: nn.Module, ctx: Ctx) -> None:
+        """After the optimiser step (e.g. a projection onto the method's constraint set)."""
 
     def on_epoch_end(self, model: nn.Module, ctx: Ctx) -> None:
         pass

@@ -61,6 +61,10 @@ class CRMTJT(Method):
             return C.step2_parameters(model, freeze=False)
         return list(model.parameters())
 
+    def after_step(self, model, ctx):
+        if not self.p.reference_compat:  # projected SGD: a_m >= 0 after every step of every phase
+            C.project_weights(model.head)
+
     def on_epoch_start(self, model, ctx):
         if ctx.phase.startswith("step2") and ctx.phase_epoch == 0:  # τ of the encoders step 1 just trained
             ctx.state["tau"] = C.estimate_tau(model, ctx.train_batches(), reference_compat=self.p.reference_compat,
