@@ -10,6 +10,7 @@ _WHERE = {
     **dict.fromkeys(["ATTACKS", "run_attack"], "registry"),
     **dict.fromkeys(["fgm", "joint_embedding", "mea", "perturbation_norms", "pgd"], "gradient"),
     **dict.fromkeys(["mgn", "missing", "mpm"], "corruptions"),
+    **dict.fromkeys(["apgd", "apgd_ce", "apgd_dlr"], "library"),
     **dict.fromkeys(["accuracy_under_attack", "accuracy_under_attacks", "evaluate_attacks", "split_batch"], "evaluate"),
 }
 __all__ = sorted(_WHERE)

@@ -9,9 +9,10 @@ import torch.nn as nn
 from .core import Inputs, attack_mode
 from .corruptions import mgn, missing, mpm
 from .gradient import fgm, mea, pgd
+from .library import apgd_ce, apgd_dlr
 
 ATTACKS: dict[str, Callable[..., Inputs]] = {"fgm": fgm, "pgd": pgd, "mea": mea, "missing": missing, "mgn": mgn,
-                                             "mpm": mpm}
+                                             "mpm": mpm, "apgd_ce": apgd_ce, "apgd_dlr": apgd_dlr}
 
 
 def run_attack(name: str, model: nn.Module, inputs: Inputs, y: torch.Tensor, **params) -> Inputs:

@@ -153,6 +153,23 @@ def _mea_grid(p: MEAParams, r: Radii) -> list[Measurement]:
     return [measurement("mea", "all", p.eps, eps=p.eps, steps=p.steps)] if p.eps > 0 else []
 
 
+class APGDParams(AttackParams):
+    steps: int = Field(100, ge=1, le=10000, description="iterations (AutoAttack: 100)")
+    restarts: int = Field(1, ge=1, le=100, description="random restarts (AutoAttack's APGD-CE: 5 in 'rand')")
+    joint_curve: bool = Field(False, description="also at joint_grid for the curve models")
+
+
+def _apgd_grid(name: str):
+    def grid(p: APGDParams, r: Radii) -> list[Measurement]:  # joint only: ART perturbs every input feature
+        return [measurement(name, "all", e, eps=e, steps=p.steps, restarts=p.restarts)
+                for e in _radii(r, p.joint_curve, False) if e > 0]
+    return grid
+
+
+declare("apgd_ce", "APGD-CE", "robust", APGDParams)(_apgd_grid("apgd_ce"))
+declare("apgd_dlr", "APGD-DLR", "robust", APGDParams)(_apgd_grid("apgd_dlr"))
+
+
 def default_attacks() -> dict[str, AttackParams]:
     return {name: spec.Params() for name, spec in SPECS.items()}
 
