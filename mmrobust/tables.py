@@ -119,8 +119,9 @@ def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, 
                  archs: dict[str, Arch] | None = None, attacks: list[str] | None = None) -> list[Path]:
     """All tables that the available models allow. `models` maps model id -> method, `archs` model id -> Arch
     (without it every model counts as the base architecture); `attacks` the evaluated attacks in column order
-    (default: every declared one), their kind deciding the tables they are columns of."""
-    attacks = list(SPECS) if attacks is None else attacks
+    (default: every declared one that was measured), their kind deciding the tables they are columns of."""
+    measured = {r["attack"] for r in rows}
+    attacks = [a for a in SPECS if a in measured] if attacks is None else attacks
     robust, corruptions = of_kind(attacks, "robust"), of_kind(attacks, "corruption")
     mods = modalities_of(rows)
     archs = archs or {}
@@ -131,7 +132,8 @@ def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, 
     t1 = [_col("clean")] + [_col(a, eps=joint_eps) for a in robust]
     written.append(_write_table(out, "T1", f"clean / {' / '.join(ATTACK_NAMES[a] for a in robust)} accuracy "
                                 f"(joint l2, eps {joint_eps:g})", *pivot(rows, main, t1)))
-    uni = [_col(a, m, uni_eps) for a in robust for m in mods]
+    per_modality = {r["attack"] for r in rows if r["modality"] != "all"}  # APGD, e.g., is joint only
+    uni = [_col(a, m, uni_eps) for a in robust if a in per_modality for m in mods]
     missing = [_col(a, m, 0.0, f"{ATTACK_NAMES[a]} #{m[0]}") for a in of_kind(attacks, "missing") for m in mods]
     written.append(_write_table(out, "T2", f"uni-modal attacks (eps {uni_eps:g}) and missing modalities",
                                 *pivot(rows, main, [_col("clean")] + uni + missing)))

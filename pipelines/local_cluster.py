@@ -4,8 +4,9 @@
 
 Every stage then connects through RAY_ADDRESS instead of starting and stopping a cluster of its own (several
 seconds per stage). If RAY_ADDRESS is already set, the command runs against that cluster and nothing is
-started. The head runs in its own process group (`ray start --block`) and that group alone is stopped at the
-end, so other Ray clusters on the machine are left alone.
+started. The head runs in a session of its own (`ray start --block`); at the end it is stopped, and then every
+process left of this cluster, found by this head's session, process tree, GCS port, raylet or address, never by
+name: other Ray clusters on the machine are left alone.
 
 Beside the head runs a warm driver (`pipelines/warm_driver.py`, unless `--no-warm-driver`): one long-lived Ray
 driver that runs every training stage's `main()`, so that each stage skips the imports, the connection and the
@@ -14,6 +15,7 @@ first-fit costs of a new Ray job (~10 s per stage, measured in docs/decisions.md
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from mmrobust.ray_utils import CLUSTER_ENV, STARTED_HEAD
 
@@ -66,21 +70,111 @@ def start_head(num_cpus: int | None = None, timeout: float = 120.0, dashboard_po
 
 
 def stop_head(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    """Stop the head, then whatever is left of its cluster (`_reap`). Its process group is not the cluster: every
+    Ray worker (actors such as `ray::TrainController`) runs in a process group of its own and only exits once it
+    notices that its raylet is gone, and a process a worker started does not even do that."""
+    port = _arg_port(proc.args)
+    tree = _tree(proc.pid)
+    raylets = {str(p.pid) for p in tree if _name(p) == "raylet"}
+    since = time.time()
+    _signal_head(proc, grace)
+    _reap(tree + _strays(proc.pid, port, raylets, port and f"127.0.0.1:{port}", since))
+
+
+def _signal_head(proc: subprocess.Popen, grace: float) -> None:
     """SIGINT lets `ray start --block` shut its cluster down (about a second when idle); after a long pipeline it
     often did not react at all (the whole 10 s of the former grace in `make reproduce`), and SIGTERM drains for up
-    to 30 s: the rest of the group is then killed. Nothing runs on the head by now, and the group is this head's
-    alone."""
+    to 30 s: the rest of the group is then killed."""
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
             proc.wait(timeout=wait)
             if sig == signal.SIGINT:
-                os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (idle workers), if any
+                os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, if any
             return
         except ProcessLookupError:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def _arg_port(args) -> int | None:
+    ports = [a.split("=", 1)[1] for a in args if isinstance(a, str) and a.startswith("--port=")]
+    return int(ports[0]) if ports else None
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """`pid` and its descendants, taken before stopping: a process re-parented to init is no longer among them."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _strays(sid: int, port: int | None = None, raylets: set[str] = frozenset(), address: str | None = None,
+            since: float = float("inf")) -> list[psutil.Process]:
+    """The processes now alive that belong to the cluster of the session `sid` (a head or a driver started with
+    start_new_session): in that session, or with its raylet's pid in their environment (RAY_RAYLET_PID, which
+    every worker and anything it starts inherits: a worker's arguments are replaced by its title, and a child may
+    have left the session), or, started before `since` (when the port was still this head's), with its GCS port
+    in their arguments or its address in their environment (drivers)."""
+    gcs_arg = re.compile(rf"--(?:gcs-address|address|gcs_server_port|port)=(?:\S*:)?{port}") if port else None
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = []
+    for p in psutil.process_iter(["cmdline", "environ", "create_time"]):
+        env, args = p.info["environ"] or {}, p.info["cmdline"] or ()
+        old = (p.info["create_time"] or since) < since
+        if p.pid not in mine and (
+                _sid(p.pid) == sid or env.get("RAY_RAYLET_PID") in raylets
+                or old and address and address in (env.get("RAY_ADDRESS"), env.get(STARTED_HEAD))
+                or old and gcs_arg and any(gcs_arg.fullmatch(a) for a in args)):
+            found.append(p)
+    return found
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _reap(procs: list[psutil.Process], grace: float = 2.0) -> None:
+    """SIGTERM, up to `grace` seconds to exit, then SIGKILL (nothing runs on the cluster by now)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        procs = _alive(procs)
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+        deadline = time.time() + wait
+        while procs and time.time() < deadline:
+            time.sleep(0.05)
+            procs = _alive(procs)
+        if not procs:
+            return
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running; a zombie has exited (its parent has yet to reap it). A process stays itself only
+    while its start time does (psutil checks it): a reused pid is not ours."""
+    alive = []
+    for p in {p.pid: p for p in procs}.values():
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.Error:
+            pass
+    return alive
 
 
 def start_warm_driver(env: dict, timeout: float = 60.0) -> tuple[subprocess.Popen | None, str | None]:
@@ -105,14 +199,24 @@ def start_warm_driver(env: dict, timeout: float = 60.0) -> tuple[subprocess.Pope
 
 
 def stop_warm_driver(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
+    """SIGTERM (idle by now: it disconnects from Ray and exits), then whatever is left of its session and tree."""
+    if proc is None:
         return
-    os.killpg(proc.pid, signal.SIGTERM)  # idle by now: it disconnects from Ray and exits
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    tree = _tree(proc.pid)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _reap(tree + _strays(proc.pid))
+
+
+def stop_cluster(head: subprocess.Popen, driver: subprocess.Popen | None = None) -> None:
+    """The end of `main`: the warm driver, then the head; no process of either is left."""
+    stop_warm_driver(driver)
+    stop_head(head)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return subprocess.call(argv, env=env)
     finally:
-        stop_warm_driver(driver)
-        stop_head(proc)
+        stop_cluster(proc, driver)
         print("ray: local head stopped", flush=True)
 
 
