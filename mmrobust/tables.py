@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mmrobust.attacks.specs import SPECS, of_kind, titles
+from mmrobust.attacks.specs import SPECS, WORST, of_kind, titles
 from mmrobust.io import atomic_file, save_png, write_csv
 
 ROW_FIELDS = ["dataset", "method", "model", "attack", "modality", "eps", "accuracy", "n"]
@@ -123,6 +123,8 @@ def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, 
     measured = {r["attack"] for r in rows}
     attacks = [a for a in SPECS if a in measured] if attacks is None else attacks
     robust, corruptions = of_kind(attacks, "robust"), of_kind(attacks, "corruption")
+    if WORST in measured and len(robust) > 1:  # the per-sample worst case, beside the attacks it summarises
+        robust.append(WORST)
     mods = modalities_of(rows)
     archs = archs or {}
     base = base_arch(archs)
@@ -278,7 +280,7 @@ def write_across_datasets(per_dataset: dict[str, Path], out: Path, joint_eps: fl
         return Column(f"{dataset} {col.title}", lambda r: r["dataset"] == dataset and col.match(r))
 
     measured = {r["attack"] for r in rows}
-    robust = [a for a in of_kind(SPECS, "robust") if a in measured]  # the T1 columns of the datasets' own tables
+    robust = [a for a in [*of_kind(SPECS, "robust"), WORST] if a in measured]  # the datasets' own T1 columns
     per = [_col("clean")] + [_col(a, eps=joint_eps) for a in robust]
     cols = [of(d, c) for d in per_dataset for c in per]
     order = [m for m in T1_MODELS if m in models] + _others(models, T1_MODELS)

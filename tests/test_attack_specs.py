@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmrobust.attacks import ATTACKS, run_attack
-from mmrobust.attacks.specs import SPECS, Radii, grid, of_kind
+from mmrobust.attacks.specs import SPECS, WORST, Radii, grid, measurement, of_kind, worst_case
 from mmrobust.config import ConfigError, EvaluateCfg, parse_params
 from mmrobust.evaluation import attack_grid
 from mmrobust.tables import write_tables
@@ -76,3 +76,12 @@ def test_table_columns_come_from_the_attack_kinds(tmp_path):
     assert "PGD #a 1" in t2 and "Missing #a" in t2 and "0.750" in t2
     assert "MGN 0.5" in (tmp_path / "T7.md").read_text()
     assert of_kind(["pgd", "missing", "mgn"], "robust") == ["pgd"]
+
+
+def test_worst_case_groups_the_robust_measurements_of_each_modality_and_radius():
+    ms = [measurement("fgm", "all", 0.5, eps=0.5), measurement("pgd", "all", 0.5, eps=0.5, steps=4),
+          measurement("pgd", "all", 1.0, eps=1.0), measurement("pgd", "audio", 1.0, eps=1.0, modalities=["audio"]),
+          measurement("mgn", "all", 0.5, sigma=0.5), measurement("missing", "audio", 0.0, modalities=["audio"])]
+    got = {(w.attack, w.modality, w.eps): labels for w, labels in worst_case(ms).items()}
+    assert got == {(WORST, "all", 0.5): ["fgm|all|0.5", "pgd|all|0.5"], (WORST, "all", 1.0): ["pgd|all|1"],
+                   (WORST, "audio", 1.0): ["pgd|audio|1"]}  # corruptions and missing are not adversaries

@@ -61,8 +61,15 @@ def test_attacks_never_beat_clean_and_grow_with_eps(trained, tmp_path):
     assert all(v <= clean + 1e-9 for k, v in acc.items() if k[0] in ("fgm", "pgd", "mea"))
     assert acc[("pgd", "all", 1.0)] <= acc[("pgd", "all", 0.5)]
     assert {r["modality"] for r in rows} == {"all", "audio", "visual"}
+    # the per-sample worst case of the robust attacks: at most the weakest of them, at least what their
+    # failures leave when they never overlap (1 - sum of their error rates)
+    worst = {k: v for k, v in acc.items() if k[0] == "worst"}
+    assert {k[1:] for k in worst} == {k[1:] for k in acc if k[0] in ("fgm", "pgd")}
+    for (_, mod, eps), value in worst.items():
+        each = [v for (a, m, e), v in acc.items() if a in ("fgm", "pgd") and (m, e) == (mod, eps)]
+        assert 1 - sum(1 - v for v in each) - 1e-9 <= value <= min(each)
     metrics = headline_metrics(rows, CFG)["m"]
-    assert set(metrics) >= {"clean", "fgm", "pgd", "pgd_audio", "pgd_visual", "missing_audio"}
+    assert set(metrics) >= {"clean", "fgm", "pgd", "worst", "pgd_audio", "worst_audio", "pgd_visual", "missing_audio"}
     # the sound certificate: CA(0) <= clean, CA(r) <= accuracy under every attack of size r, non-increasing
     ca = [(r["eps"], r["accuracy"]) for r in rows if r["attack"] == "certified"]
     assert [e for e, _ in ca] == [0.0, 0.5, 1.0]

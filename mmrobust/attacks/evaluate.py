@@ -34,12 +34,13 @@ def _parse(spec: Spec) -> tuple[str, str, dict]:
 
 def _correct(model: nn.Module, inputs: Inputs, y: torch.Tensor) -> torch.Tensor:
     with attack_mode(model), torch.no_grad():
-        return (logits_of(model, inputs).argmax(1) == y).sum()
+        return logits_of(model, inputs).argmax(1) == y
 
 
-def evaluate_attacks(model: nn.Module, inputs: Inputs, y: torch.Tensor, specs: Sequence[Spec]
-                     ) -> dict[str, torch.Tensor]:
-    """{"clean": count, label: count under that attack, ...} for one batch (0-d long tensors)."""
+def correct_under_attacks(model: nn.Module, inputs: Inputs, y: torch.Tensor, specs: Sequence[Spec]
+                          ) -> dict[str, torch.Tensor]:
+    """{"clean": mask, label: mask under that attack, ...} for one batch: (B,) bool, True where the (attacked)
+    prediction is the label."""
     parsed = [_parse(s) for s in specs]
     labels = [p[0] for p in parsed]
     if len(set(labels)) != len(labels) or "clean" in labels:
@@ -48,6 +49,12 @@ def evaluate_attacks(model: nn.Module, inputs: Inputs, y: torch.Tensor, specs: S
     for label, name, params in parsed:
         out[label] = _correct(model, run_attack(name, model, inputs, y, **params), y)
     return out
+
+
+def evaluate_attacks(model: nn.Module, inputs: Inputs, y: torch.Tensor, specs: Sequence[Spec]
+                     ) -> dict[str, torch.Tensor]:
+    """{"clean": count, label: count under that attack, ...} for one batch (0-d long tensors)."""
+    return {k: m.sum() for k, m in correct_under_attacks(model, inputs, y, specs).items()}
 
 
 def _device(model: nn.Module) -> torch.device | None:

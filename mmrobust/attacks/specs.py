@@ -170,6 +170,20 @@ declare("apgd_ce", "APGD-CE", "robust", APGDParams)(_apgd_grid("apgd_ce"))
 declare("apgd_dlr", "APGD-DLR", "robust", APGDParams)(_apgd_grid("apgd_dlr"))
 
 
+# Not an attack: per sample, the worst of every robust attack run at the same modality and radius (a sample
+# counts as robust only if no attack fooled it), as RobustBench reports robust accuracy.
+WORST = "worst"
+
+
+def worst_case(measurements: list[Measurement]) -> dict[Measurement, list[str]]:
+    """{worst-case measurement: labels of the robust measurements it takes the minimum over}."""
+    groups: dict[tuple[str, float], list[str]] = {}
+    for m in measurements:
+        if SPECS[m.attack].kind == "robust":
+            groups.setdefault((m.modality, m.eps), []).append(m.label)
+    return {measurement(WORST, mod, eps): labels for (mod, eps), labels in groups.items()}
+
+
 def default_attacks() -> dict[str, AttackParams]:
     return {name: spec.Params() for name, spec in SPECS.items()}
 
@@ -195,7 +209,7 @@ def grid(attacks: dict[str, AttackParams], radii: Radii) -> list[Measurement]:
 
 
 def titles() -> dict[str, str]:
-    return {"clean": "Clean", **{name: s.title for name, s in SPECS.items()}, "certified": "CA"}
+    return {"clean": "Clean", **{name: s.title for name, s in SPECS.items()}, WORST: "Worst", "certified": "CA"}
 
 
 def of_kind(attacks, kind: str) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmrobust import tables
-from mmrobust.attacks.specs import of_kind
+from mmrobust.attacks.specs import WORST, of_kind
 from mmrobust.config import EvaluateCfg, Params
 from mmrobust.evaluation.figures import analysis_figures
 from mmrobust.io import atomic_dir, write_csv, write_json
@@ -13,8 +13,9 @@ from mmrobust.tables import ROW_FIELDS, Arch
 
 def headline_metrics(rows: list[dict], cfg: EvaluateCfg) -> dict:
     """{model: {clean, <attack> (joint, joint_eps), <attack>_<m> (uni-modal, uni_eps), missing_<m>}} of the
-    robust and missing-modality attacks, for DVC metrics and MLflow."""
-    robust, missing = of_kind(cfg.attacks, "robust"), of_kind(cfg.attacks, "missing")
+    robust and missing-modality attacks and the per-sample worst case of the robust ones (`worst`), for DVC
+    metrics and MLflow."""
+    robust, missing = [*of_kind(cfg.attacks, "robust"), WORST], of_kind(cfg.attacks, "missing")
     out: dict[str, dict] = {}
     for r in rows:
         key = None
