@@ -83,7 +83,8 @@ def ray_reporter(config: dict, mlflow: Future | None):
     """`report(epoch, metrics, trainer)` for `run`: MLflow metrics from rank 0, the training state as a Ray
     checkpoint, `ray.train.report`; and the fault injection of the tests (`fail_at_epoch`)."""
     import ray.train
-    import torch
+
+    from mmrobust import checkpoint
 
     fail_at = config.get("fail_at_epoch")
     marker = Path(config["fault_marker"]) if config.get("fault_marker") else None
@@ -95,7 +96,7 @@ def ray_reporter(config: dict, mlflow: Future | None):
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if trainer.rank == 0:
-                torch.save(trainer.state_dict(epoch), Path(tmp) / CKPT)
+                checkpoint.save(trainer.state_dict(epoch), Path(tmp) / CKPT)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(numeric, checkpoint=ckpt)
         if (fail_at is not None and epoch + 1 == fail_at and trainer.rank == trainer.world_size - 1
