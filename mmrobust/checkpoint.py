@@ -29,7 +29,9 @@ def model_spec(params: Params, method: Method, num_classes: int, modalities: lis
     """The architecture a method trains with: `train.model`, the method's own head unless one is set."""
     cfg = params.train.model
     head = cfg.head or method.head
-    head_kwargs = {"reference_compat": True} if head == "crmt" and getattr(method.p, "reference_compat", False) else {}
+    head_kwargs = {}
+    if head == "crmt":
+        head_kwargs = {"a_init": cfg.crmt_a_init, "reference_compat": bool(getattr(method.p, "reference_compat", False))}
     return ModelSpec(num_classes=num_classes, modalities=list(modalities), encoder=cfg.encoder, width=cfg.width,
                      head=head, head_kwargs=head_kwargs, encoder_kwargs=cfg.encoder_kwargs, fusion=cfg.fusion)
 

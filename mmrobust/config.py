@@ -57,6 +57,41 @@ class GenerateCfg(_Strict):
         return self
 
 
+# ---------------------------------------------------------------- spoken (real-content sets)
+class SpokenSet(_Strict):
+    """One real-content set of mmrobust.data.spoken: which modality is easy follows from these knobs."""
+    num_classes: int = Field(10, ge=2, le=10, description="digits 0..num_classes-1")
+    # scikit-learn has ~180 scans per digit, half per split: more clips reuse a scan, placed and voiced anew
+    train_per_class: int = Field(60, ge=1, le=1000)
+    test_per_class: int = Field(20, ge=1, le=1000)
+    speech_snr_db: float = Field(10.0, ge=-40, le=60, description="spoken class name over pink noise")
+    babble_db: Optional[float] = Field(None, ge=0, le=60, description="another digit name this far below; null: none")
+    glyph_contrast: float = Field(0.5, ge=0, le=1, description="ink opacity of the handwritten class digit")
+    glyph_scale: float = Field(0.45, gt=0, le=1, description="digit height / frame size")
+    distractors: int = Field(1, ge=0, le=8, description="digits of other classes at half the contrast")
+    pixel_noise: float = Field(0.1, ge=0, le=2, description="pixel noise std on a [0,1] image")
+
+
+class SpokenCfg(_Strict):
+    seed: int = 2024
+    out_dir: str = "data/spoken"
+    duration_s: float = Field(3.0, ge=1.5, le=30)
+    fps: int = Field(10, ge=2, le=60)
+    size: int = Field(64, ge=16, le=1024)
+    sample_rate: int = Field(16000, ge=8000, le=48000)
+    workers: int = Field(1, ge=1, le=64)  # processes writing clips; the files do not depend on it
+    sets: dict[str, SpokenSet] = {}
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.size % 2:
+            raise ValueError(f"spoken.size must be even for h264/yuv420p, got {self.size}")
+        bad = [k for k in self.sets if not k.replace("_", "").isalnum() or k != k.lower()]
+        if bad:
+            raise ValueError(f"spoken.sets: ids are lower-case letters, digits and _: {bad}")
+        return self
+
+
 # ---------------------------------------------------------------- data (ingest)
 class KSLayout(_Strict):
     train_list: str = "train.txt"
@@ -208,6 +243,8 @@ class ModelCfg(_Strict):
     fusion: Literal["late", "mmtm", "mmt"] = "late"  # mmtm: ResNet encoders; mmt: encoder "transformer"
     pretrained: dict[str, str] = {}  # modality -> local torchvision-format ResNet state_dict
     encoder_kwargs: dict[str, dict] = {}
+    crmt_a_init: float = Field(0.1, gt=0, le=10, description="initial modality weights a_m of the CRMT head "
+                               "(paper and reference: 0.1)")
 
 
 class TrainCfg(_Strict):
@@ -224,6 +261,8 @@ class TrainCfg(_Strict):
     seed: int = 2024
     num_segments: int = Field(3, ge=1, le=64)
     input_size: Optional[int] = Field(None, ge=8, le=1024, description="None: the stored frame size")
+    crop_min_scale: float = Field(0.08, gt=0, le=1, description="smallest area fraction of the train-time random "
+                                  "resized crop (0.08: torchvision's and the reference's; 1: no crop)")
     loader_workers: int = Field(0, ge=0, le=64)
     use_gpu: bool = False
     num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
@@ -337,6 +376,7 @@ class EvaluateCfg(_Strict):
 # ---------------------------------------------------------------- the whole file
 class Params(_Strict):
     generate: GenerateCfg = GenerateCfg()
+    spoken: SpokenCfg = SpokenCfg()
     data: DataCfg = DataCfg()
     # The datasets the pipeline runs on (DVC builds every per-dataset stage from these ids); the stage CLIs
     # resolve one of them with `for_dataset`, which sets data.dataset/root and the per-dataset paths.

@@ -106,3 +106,25 @@ def tiny_project(root: Path, train: dict | None = None, **groups):
     for m in ("visual", "audio"):
         extract(m, params.extract, manifest, progress=False)
     return params
+
+
+def check_failed_generation_keeps_previous(tmp_path: Path, monkeypatch, module, generate) -> None:
+    """A generator whose second clip write fails leaves the previous output folder as it was and no temp dir.
+    `module` is where the generator looks up `write_clip`; `generate(out_dir)` runs it."""
+    import pytest
+
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    calls = []
+
+    def failing_write(*args, **kw):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr(module, "write_clip", failing_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        generate(out)
+    assert (out / "keep.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -23,6 +23,23 @@ def test_preset_files_validate(preset_file):
     load_params(preset_file)
 
 
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def test_real_content_preset_differs_from_the_default_only_where_it_says():
+    base = _leaves(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    preset = _leaves(yaml.safe_load((ROOT / "configs" / "real-content.yaml").read_text()))
+    changed = {k for k in base.keys() | preset.keys() if base.get(k, "absent") != preset.get(k, "absent")}
+    allowed = ("spoken.sets", "datasets.", "train.epochs", "train.lr_step", "train.crop_min_scale")
+    assert changed and all(k.startswith(allowed) for k in changed), sorted(changed)
+    params = load_params(ROOT / "configs" / "real-content.yaml")
+    assert {e.root for e in params.datasets.values()} == {f"{params.spoken.out_dir}/{s}" for s in params.spoken.sets}
+
+
 @pytest.mark.parametrize("raw,key,fragment", [
     ({"data": {"datset": "ks"}}, "data.datset", "unknown key"),
     ({"data": {"dataset": "kinetics"}}, "data.dataset", "'synthetic', 'ks', 'vggsound' or 'ucf101'"),
@@ -32,6 +49,9 @@ def test_preset_files_validate(preset_file):
     ({"extract": {"frame_modalities": ["visual", "sound"]}}, "extract.frame_modalities.1", "'visual', 'flow' or 'diff'"),
     ({"extract": {"timing": {"max_frames": 2}}}, "extract.timing.max_frames", "greater than or equal to 3"),
     ({"trian": {}}, "trian", "unknown key"),
+    ({"spoken": {"sets": {"Bad-Id": {}}}}, "spoken", "lower-case"),
+    ({"spoken": {"sets": {"a": {"num_classes": 11}}}}, "spoken.sets.a.num_classes", "less than or equal to 10"),
+    ({"train": {"crop_min_scale": 0}}, "train.crop_min_scale", "greater than 0"),
 ])
 def test_bad_params_name_key_and_allowed_values(raw, key, fragment):
     with pytest.raises(ConfigError) as err:

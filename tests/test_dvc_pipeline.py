@@ -200,3 +200,18 @@ def test_audio_params_rerun_the_audio_stage_alone(repo, cluster):
     out = _repro(repo, f"extract-audio@{SYN}-audio", cluster=cluster)
     assert _ran(out.stdout) == {f"extract-audio@{SYN}-audio"}, out.stdout
     assert np.load(repo / f"data/features/{SYN}/audio/data.npy", mmap_mode="r").shape[1] == 40
+
+
+def test_real_content_set_is_a_stage_that_feeds_its_dataset(repo, cluster):
+    # A spoken set and a dataset entry reading it: generate-spoken@<set> runs before the dataset's ingest and
+    # extraction; a second repro does nothing; a change to that set's params regenerates it and what follows.
+    _set_params(repo, {"spoken": {"duration_s": 1.5, "size": 32, "sets": {"tiny": {
+        "num_classes": 3, "train_per_class": 3, "test_per_class": 2}}},
+        "datasets": {"tiny": {"dataset": "ks", "root": "data/spoken/tiny"}}})
+    target = "extract-audio@tiny-audio"
+    first = _ran(_repro(repo, target, cluster=cluster).stdout)
+    assert {"generate-spoken@tiny", "ingest@tiny", target} <= first, first
+    assert len(read_csv(repo / "data/features/tiny/audio/index.csv")) == 3 * (3 + 2)
+    assert _ran(_repro(repo, target, cluster=cluster).stdout) == set()
+    _set_params(repo, {"spoken": {"sets": {"tiny": {"speech_snr_db": 0.0}}}})
+    assert {"generate-spoken@tiny", "ingest@tiny", target} <= _ran(_repro(repo, target, cluster=cluster).stdout)

@@ -1,6 +1,7 @@
 """Ingest: fixture trees for the KS, VGGSound and UCF101 layouts, built here with placeholder video files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -64,12 +65,29 @@ def test_ks_counts_labels_and_files(tmp_path):
     assert summary["num_classes"] == 3 and summary["rejected"] == 0 and rejected == []
     assert summary["root"] == str(root.resolve()) and summary["flow_dir"] is None
     row = next(r for r in clips if r["clip_id"] == "tr04")
+    video = (root / "videos/tr04.mp4").read_bytes()
     assert row == {"clip_id": "tr04", "path": "videos/tr04.mp4", "label": 1, "label_name": "dog barking",
-                   "split": "train"}
+                   "split": "train", "fingerprint": f"{len(video)}:{hashlib.md5(video).hexdigest()}"}
     assert [r["clip_id"] for r in clips] == sorted(train) + sorted(test)
     classes = read_csv(Path(summary_dir := root.parent / "manifest") / "classes.csv")
     assert classes[0] == {"label": "0", "name": "playing drums"} and len(classes) == 3
     assert json.loads((summary_dir / "summary.json").read_text()) == summary == load_summary(summary_dir)
+
+
+def test_fingerprint_reads_head_and_tail_and_sees_a_replaced_video(tmp_path):
+    from mmrobust.data.ingest import fingerprint
+
+    mib = 1 << 20
+    big = tmp_path / "big.mp4"
+    head, middle, tail = b"h" * mib, b"m" * (mib // 2), b"t" * mib
+    big.write_bytes(head + middle + tail)
+    assert fingerprint(big) == f"{3 * mib - mib // 2}:{hashlib.md5(head + tail).hexdigest()}"
+    root = make_ks(tmp_path / "ks", {"a": 0, "b": 1}, {"c": 0})
+    before = run(cfg(root, val_fraction=0.0))[1]
+    (root / "videos/b.mp4").write_bytes(b"re-encoded")
+    after = run(cfg(root, val_fraction=0.0))[1]
+    changed = [x["clip_id"] for x, y in zip(before, after) if x != y]
+    assert changed == ["b"]
 
 
 def test_ks_without_classes_file_uses_ids(tmp_path):

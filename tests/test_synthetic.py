@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import check_failed_generation_keeps_previous
 from mmrobust.config import GenerateCfg
 from mmrobust.data import synthetic
 from mmrobust.data.media import open_video, read_audio, read_frames
@@ -184,21 +185,8 @@ def test_class_specs_are_distinct_and_first_classes_differ_everywhere():
 
 
 def test_failed_generation_leaves_previous_output(tmp_path, monkeypatch):
-    out = tmp_path / "data"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
-    calls = []
-
-    def failing_write(*args, **kw):
-        calls.append(args[0])
-        if len(calls) == 2:
-            raise RuntimeError("disk full")
-
-    monkeypatch.setattr(synthetic, "write_clip", failing_write)
-    with pytest.raises(RuntimeError, match="disk full"):
-        generate(tiny(), out, progress=False)
-    assert (out / "keep.txt").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    check_failed_generation_keeps_previous(tmp_path, monkeypatch, synthetic,
+                                           lambda out: generate(tiny(), out, progress=False))
 
 
 def test_cli_generates_and_rejects_bad_params(tmp_path, capsys):

@@ -66,8 +66,9 @@ def random_resized_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.0
 
 class AVDataset(Dataset):
     def __init__(self, features_dir: str | Path, split: str, modalities: list[str], train: bool = False,
-                 num_segments: int = 3, input_size: int | None = None, seed: int = 0):
+                 num_segments: int = 3, input_size: int | None = None, seed: int = 0, crop_min_scale: float = 0.08):
         self.dir = Path(features_dir)
+        self.crop_scale = (crop_min_scale, 1.0)
         self.split, self.modalities, self.train = split, list(modalities), train
         self.num_segments, self.input_size, self.seed = num_segments, input_size, seed
         self._arrays: dict[str, np.ndarray] = {}
@@ -114,7 +115,8 @@ class AVDataset(Dataset):
                 frame_idx = segment_frames(int(self.n_frames[m][i]), self.num_segments, rng)
             x = raw[frame_idx]  # (T, H, W, C) uint8
             if rng is not None and crop is None:
-                crop, flip = random_resized_crop_box(x.shape[1], x.shape[2], rng), bool(rng.random() < 0.5)
+                crop = random_resized_crop_box(x.shape[1], x.shape[2], rng, scale=self.crop_scale)
+                flip = bool(rng.random() < 0.5)
             item[m] = self._to_model_space(m, x, crop, flip)
         return item
 
