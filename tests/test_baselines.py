@@ -193,6 +193,25 @@ def test_pmr_loss_by_hand():
     assert logs[f"rho_{weak}"] == pytest.approx(1 / r, rel=1e-5)
 
 
+def test_pmr_weak_modality_with_zero_confidence_gets_a_capped_weight(monkeypatch):
+    """On real clips a modality's target confidence underflowed to 0 on a batch: ρ = 0 divided by zero."""
+    from mmrobust.methods import baselines
+
+    tr = trainer("pmr", {"beta": 2.0, "gamma": 0.0})
+    model, method, ctx = tr.model, tr.method, tr.ctx
+    method.on_epoch_start(model, ctx)
+    inputs, y = first_batch(tr)
+    weak = model.modalities[0]
+    monkeypatch.setattr(baselines, "target_confidence",
+                        lambda plog, y: torch.tensor([0.0 if m == weak else 3.0 for m in plog]))
+    loss, logs = method.loss(model, inputs, y, ctx)
+    out = model(inputs)
+    plog = -torch.cdist(out.features[weak], model.pmr_prototypes.get(weak))
+    cap = 1 / baselines.PMR_RHO_FLOOR - 1
+    want = F.cross_entropy(out.logits, y) + 2.0 * cap * F.cross_entropy(plog, y)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(want.item(), rel=1e-4)
+
+
 # ---------------------------------------------------------------- Mixup
 
 class _Recorder(torch.nn.Module):

@@ -34,6 +34,9 @@ def target_confidence(scores: dict, y: torch.Tensor) -> torch.Tensor:
     return torch.stack([F.softmax(z.detach().float(), 1).gather(1, y[:, None]).sum() for z in scores.values()])
 
 
+PMR_RHO_FLOOR = 0.01
+
+
 def imbalance_ratios(s: torch.Tensor) -> torch.Tensor:
     """ρ_m = s_m / mean_{j≠m} s_j (for two modalities ρ_a = s_a / s_v and ρ_v = 1 / ρ_a)."""
     M = len(s)
@@ -293,7 +296,9 @@ class PMR(Method):
             logs[f"rho_{m}"] = r
             if r < 1 and self.p.beta > 0:
                 pce = F.cross_entropy(plog[m], y)
-                loss = loss + self.p.beta * (1 / r - 1) * pce
+                # a modality whose target confidence underflows to 0 on a batch (prototypes far apart, real
+                # clips) would get an infinite weight: cap the coefficient at (1/ρ_min − 1)
+                loss = loss + self.p.beta * (1 / max(r, PMR_RHO_FLOOR) - 1) * pce
                 logs[f"pce_{m}"] = pce.detach()
             elif r > 1 and self.p.gamma > 0 and per_on:
                 logp = F.log_softmax(plog[m], 1)

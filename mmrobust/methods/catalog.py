@@ -19,7 +19,7 @@ class CRMTParams(MethodParams):
     rho: float = Field(2.0, ge=0, description="weight of the margin regulariser (paper 2.0)")
     iterations: int = Field(1, ge=1, le=32, description="alternations of step 1 and step 2 (paper Table 11)")
     step2_epochs: int = Field(5, ge=0, le=10000, description="reference: 45")
-    step2_lr: float = Field(1e-2, gt=0, description="reference: 3e-5 (with 45 epochs)")
+    step2_lr: float = Field(1e-3, gt=0, description="reference: 3e-5 (with 45 epochs); see docs/decisions.md")
     step2_momentum: float = Field(0.9, ge=0, lt=1)
     step2_weight_decay: float = Field(1e-2, ge=0)
     tau_batches: int | None = Field(None, ge=1, description="batches used to estimate τ (None: whole train split)")
@@ -37,7 +37,7 @@ class GBParams(MethodParams):
 
 
 class OGMParams(MethodParams):
-    alpha: float = Field(0.5, gt=0, le=2, description="modulation strength (paper range 0.1–0.8)")
+    alpha: float = Field(0.1, gt=0, le=2, description="modulation strength (paper range 0.1–0.8)")
     modulation_start: int = Field(0, ge=0, description="first modulated epoch")
     modulation_end: int | None = Field(None, ge=0, description="first epoch no longer modulated (None: never stops)")
     ge_noise: bool = Field(True, description="GE: add N(0, std(grad)²) to the encoders' gradients")
@@ -54,7 +54,7 @@ class PMRParams(MethodParams):
 
 
 class MixupParams(MethodParams):
-    alpha: float = Field(1.0, gt=0, description="λ ~ Beta(α, α)")
+    alpha: float = Field(0.2, gt=0, description="λ ~ Beta(α, α)")
 
 
 class MMATParams(MethodParams):
@@ -89,7 +89,7 @@ class JacobianFusionParams(MethodParams):
 class VARMATParams(MethodParams):
     eps: float = Field(0.1, gt=0, description="joint l2 PGD training radius")
     steps: int = Field(5, ge=1, le=100, description="PGD steps of eps/steps")
-    beta: float = Field(1.0, ge=0, description="weight of the vulnerability regulariser")
+    beta: float = Field(0.1, ge=0, description="weight of the vulnerability regulariser")
     temperature: float = Field(1.0, gt=0, description="T of the vulnerability weights")
 
 
