@@ -36,6 +36,12 @@ class SyntheticVisual(_Strict):
     ambiguity: float = Field(0.05, ge=0, le=1, description="probability that the object belongs to another class")
 
 
+def _check_even_size(group: str, size: int) -> None:
+    """Generated clips are h264 in yuv420p, whose chroma planes need an even frame size."""
+    if size % 2:
+        raise ValueError(f"{group}.size must be even for h264/yuv420p, got {size}")
+
+
 class GenerateCfg(_Strict):
     seed: int = 2024
     out_dir: str = "data/synthetic"
@@ -52,8 +58,7 @@ class GenerateCfg(_Strict):
 
     @model_validator(mode="after")
     def _even_size(self):
-        if self.size % 2:
-            raise ValueError(f"generate.size must be even for h264/yuv420p, got {self.size}")
+        _check_even_size("generate", self.size)
         return self
 
 
@@ -84,8 +89,7 @@ class SpokenCfg(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.size % 2:
-            raise ValueError(f"spoken.size must be even for h264/yuv420p, got {self.size}")
+        _check_even_size("spoken", self.size)
         bad = [k for k in self.sets if not k.replace("_", "").isalnum() or k != k.lower()]
         if bad:
             raise ValueError(f"spoken.sets: ids are lower-case letters, digits and _: {bad}")

@@ -54,8 +54,9 @@ def build_data(params: Params, modalities: list[str] | None = None) -> Data:
     feats = Path(params.extract.out_dir)
     classes = read_csv(Path(params.data.out_dir) / "classes.csv")
     kw = dict(modalities=modalities, num_segments=cfg.num_segments, input_size=cfg.input_size, seed=cfg.seed)
-    data = Data(AVDataset(feats, "train", train=True, crop_min_scale=cfg.crop_min_scale, **kw), AVDataset(feats, "train", **kw),
-                AVDataset(feats, "val", **kw), AVDataset(feats, "test", **kw), len(classes), list(modalities))
+    data = Data(AVDataset(feats, "train", train=True, crop_min_scale=cfg.crop_min_scale, **kw),
+                AVDataset(feats, "train", **kw), AVDataset(feats, "val", **kw), AVDataset(feats, "test", **kw),
+                len(classes), list(modalities))
     if len(data.train) == 0:
         raise ValueError(f"{feats}: no training clip has every modality {modalities}")
     return data
