@@ -267,6 +267,8 @@ class TrainCfg(_Strict):
     input_size: Optional[int] = Field(None, ge=8, le=1024, description="None: the stored frame size")
     crop_min_scale: float = Field(0.08, gt=0, le=1, description="smallest area fraction of the train-time random "
                                   "resized crop (0.08: torchvision's and the reference's; 1: no crop)")
+    noise_sigma: float = Field(0.0, ge=0, description="Gaussian noise N(0, sigma^2) added to every modality of every "
+                               "training batch (the base classifier of randomised smoothing needs it; 0: off)")
     loader_workers: int = Field(0, ge=0, le=64)
     use_gpu: bool = False
     num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
@@ -340,6 +342,18 @@ class TuneCfg(_Strict):
 
 
 # ---------------------------------------------------------------- evaluate
+class SmoothingCfg(_Strict):
+    """Randomised-smoothing certificates (mmrobust/analysis/smoothing.py) for table CA."""
+    models: list[str] = ["jt", "jt_noise"]  # models certified (those trained with train.noise_sigma fare best)
+    sigma: float = Field(0.5, gt=0, description="noise std on every noised modality")
+    n0: int = Field(16, ge=1, description="noisy copies that pick the class")
+    n: int = Field(128, ge=1, description="noisy copies that bound its probability (the largest certifiable "
+                   "radius is sigma * Phi^-1(alpha^(1/n)))")
+    alpha: float = Field(0.001, gt=0, lt=0.5, description="failure probability of each certificate")
+    per_modality: bool = Field(True, description="also noise one modality at a time (the others clean)")
+    batch_size: int = Field(256, ge=1, le=65536, description="noisy copies per forward pass")
+
+
 class EvaluateCfg(_Strict):
     out_dir: str = "results"
     models: Optional[list[str]] = None  # None: every entry of `models` and `tuned_models`
@@ -356,6 +370,7 @@ class EvaluateCfg(_Strict):
     uni_grid_models: list[str] = ["jt", "mmat", "crmt_jt", "crmt_at"]
     # Sound certified accuracy CA(r) on {0} + joint_grid (table CA beside l2-PGD at the same radii).
     certify_models: list[str] = ["jt", "crmt_jt", "crmt_jt_it2", "crmt_jt_it4"]
+    smoothing: SmoothingCfg = SmoothingCfg()  # randomised-smoothing CA(r) on the same radii
     # The attacks run, in this order: {name: its own params} (mmrobust/attacks/specs.py declares each one).
     attacks: dict[str, Any] = Field(default_factory=default_attacks)
     tsne_samples: int = Field(300, ge=10)

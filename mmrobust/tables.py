@@ -152,16 +152,42 @@ def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, 
     t11 = [_col("clean", title="0")] + [_col("fgm", eps=e, title=f"{e:g}") for e in grid]
     written.append(_write_table(out, "T11", "CRMT iterations vs joint FGM attack size", *pivot(rows, iters, t11),
                                 note="Columns: joint FGM radius (0 = clean)."))
-    certified = [m for m in models if any(r["model"] == m and r["attack"] == "certified" for r in rows)]
-    radii = sorted({float(r["eps"]) for r in rows if r["attack"] == "certified"})
-    ca = [c for e in radii for c in (_col("certified", eps=e, title=f"CA {e:g}"),
-                                     _col("clean" if e == 0 else "pgd", eps=None if e == 0 else e,
-                                          title=f"{'clean' if e == 0 else 'PGD'} {e:g}"))]
-    written.append(_write_table(out, "CA", "sound certified accuracy CA(r) beside l2-PGD accuracy at the same radius",
-                                *pivot(rows, certified, ca),
-                                note="CA(r): share of test samples whose certified l2 radius (encoder Lipschitz upper "
-                                     "bounds) exceeds r; it can never exceed the accuracy under any attack of size r."))
+    written += _certified_tables(rows, out, models, mods)
     return [p for p in written if p is not None]
+
+
+def _certified_tables(rows, out, models, mods) -> list[Path | None]:
+    """CA: certified accuracy CA(r) of the sound (Lipschitz) certificate and of randomised smoothing (noise on
+    every modality) beside l2-PGD at the same joint radius; CAm: smoothing with noise on one modality beside
+    that modality's PGD."""
+    def has(model, attack, joint):
+        return any(r["model"] == model and r["attack"] == attack and (r["modality"] == "all") == joint for r in rows)
+
+    def radii(attack, joint):
+        return sorted({float(r["eps"]) for r in rows if r["attack"] == attack and (r["modality"] == "all") == joint})
+
+    joint_r = sorted({*radii("certified", True), *radii("smoothed", True)})
+    kinds = [(a, t) for a, t in (("certified", "CA"), ("smoothed", "RS")) if radii(a, True)]
+    ca = []
+    for e in joint_r:
+        ca += [_col(a, eps=e, title=f"{t} {e:g}") for a, t in kinds if e in radii(a, True)]
+        ca.append(_col("clean", title="clean") if e == 0 else _col("pgd", eps=e, title=f"PGD {e:g}"))
+    chosen = [m for m in models if has(m, "certified", True) or has(m, "smoothed", True)]
+    written = [_write_table(out, "CA", "certified accuracy CA(r): sound certificate (CA) and randomised smoothing (RS) "
+                            "beside l2-PGD accuracy at the same joint radius", *pivot(rows, chosen, ca),
+                            note="CA(r): share of test samples whose certified l2 radius (encoder Lipschitz upper "
+                                 "bounds) exceeds r; it can never exceed the accuracy under any attack of size r. "
+                                 "RS(r): the smoothed classifier (Gaussian noise on every modality) is right and "
+                                 "certifies radius >= r (Cohen et al. 2019; abstentions wrong); it certifies the "
+                                 "smoothed classifier, while PGD attacks the plain one.")]
+    uni_r = radii("smoothed", False)
+    cam = [c for m in mods for e in uni_r
+           for c in (_col("smoothed", m, e, f"RS #{m[0]} {e:g}"),
+                     *([_col("pgd", m, e, f"PGD #{m[0]} {e:g}")] if e > 0 else []))]
+    written.append(_write_table(out, "CAm", "randomised smoothing with noise on one modality (the others clean) "
+                                "beside that modality's l2-PGD at the same radius",
+                                *pivot(rows, [m for m in models if has(m, "smoothed", False)], cam)))
+    return written
 
 
 def _architecture_tables(rows, out, models, archs, base, t1, uni, missing, mods, uni_eps) -> list[Path | None]:

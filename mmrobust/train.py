@@ -181,6 +181,8 @@ class Trainer:
             if self.cfg.max_batches and i >= self.cfg.max_batches:
                 break
             inputs, y = split_batch(batch, self.data.modalities, self.device)
+            if self.cfg.noise_sigma > 0:  # Gaussian augmentation (randomised smoothing's base classifier)
+                inputs = {m: x + self.cfg.noise_sigma * torch.randn_like(x) for m, x in inputs.items()}
             self.opt.zero_grad(set_to_none=True)
             loss, logs = self.method.loss(self.model, inputs, y, ctx)
             if not torch.isfinite(loss):

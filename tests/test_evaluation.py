@@ -78,6 +78,31 @@ def test_attacks_never_beat_clean_and_grow_with_eps(trained, tmp_path):
         assert value <= min(acc[(a, "all", eps)] for a in ("fgm", "pgd") if (a, "all", eps) in acc)
 
 
+def test_smoothing_rows_are_certified_accuracies(trained, tmp_path):
+    """Randomised smoothing per test batch: joint radii {0} + joint_grid, per modality {0, uni_eps} + uni_grid;
+    RS(r) non-increasing, never above the largest certifiable radius sigma Phi^-1(alpha^(1/n)); tables CA/CAm."""
+    from scipy.stats import norm
+    from mmrobust.config import SmoothingCfg
+
+    path, _, _ = trained
+    sc = SmoothingCfg(models=["m"], sigma=0.25, n0=8, n=32, alpha=0.001, batch_size=64)
+    cfg = CFG.model_copy(update={"smoothing": sc, "joint_grid": [0.1, 0.5], "uni_grid": [0.1]})
+    rows = evaluate_model(path, "m", cfg, tmp_path, log=lambda *_: None)
+    rs = {(r["modality"], r["eps"]): r["accuracy"] for r in rows if r["attack"] == "smoothed"}
+    assert set(rs) == {("all", e) for e in (0.0, 0.1, 0.5)} | {(m, e) for m in ("audio", "visual") for e in (0.0, 0.1, 1.0)}
+    largest = 0.25 * norm.ppf(0.001 ** (1 / 32))
+    clean = next(r["accuracy"] for r in rows if r["attack"] == "clean")
+    for mod in ("all", "audio", "visual"):
+        curve = [v for (m, e), v in sorted(rs.items()) if m == mod]
+        assert all(a >= b for a, b in zip(curve, curve[1:])) and 0 <= curve[0] <= 1
+        assert all(v == 0 for (m, e), v in rs.items() if m == mod and e > largest)
+    assert rs[("all", 0.0)] <= 1 and clean >= 0
+    write_tables(rows, tmp_path / "t", 0.5, 1.0, {"m": "crmt_jt"})
+    header = (tmp_path / "t" / "CA.md").read_text().splitlines()[4]
+    assert "RS 0.1" in header and "RS 0.5" in header and "PGD 0.5" in header
+    assert "RS #a 1" in (tmp_path / "t" / "CAm.md").read_text()
+
+
 def test_models_in_parallel_processes_match_the_serial_run(trained, tmp_path):
     """evaluate.workers 2: the models go to two single-threaded processes; same rows, in the order of the ids,
     as one after another in this process (also single-threaded, so the arithmetic is the same); a broken model
@@ -237,7 +262,7 @@ def test_certified_table_pairs_ca_with_pgd(tmp_path):
         for e, a in ((0.0, 0.7), (0.5, 0.1))]
     write_tables(rows, tmp_path, 0.5, 1.0, {"crmt_jt": "crmt_jt"})
     ca = (tmp_path / "CA.md").read_text().splitlines()
-    assert ca[4] == "| model | CA 0 | clean 0 | CA 0.5 | PGD 0.5 |"
+    assert ca[4] == "| model | CA 0 | clean | CA 0.5 | PGD 0.5 |"
     assert ca[6] == "| crmt_jt | 0.700 | 0.800 | 0.100 | 0.500 |"
 
 

@@ -152,6 +152,24 @@ def test_training_is_reproducible():
     assert l1 == l2 and all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+def test_noise_augmentation_reaches_every_method_and_is_seeded():
+    """train.noise_sigma adds N(0, sigma^2) to every modality of each training batch before the method's loss
+    (randomised smoothing's base classifier); same seed, same noise."""
+    def first_inputs(sigma):
+        tr = Trainer(
+            parse_params({"train": {"method": "jt", "epochs": 1, "batch_size": 8, "noise_sigma": sigma,
+                                    "model": {"width": 4}}}), data=tiny_data())
+        seen, loss = [], tr.method.loss
+        tr.method.loss = lambda model, inputs, y, ctx: (seen.append({m: v.clone() for m, v in inputs.items()}),
+                                                        loss(model, inputs, y, ctx))[1]
+        tr.run_epoch(0)
+        return seen[0]
+    clean, noisy, again = first_inputs(0.0), first_inputs(0.5), first_inputs(0.5)
+    for m in clean:
+        assert float((noisy[m] - clean[m]).std()) == pytest.approx(0.5, rel=0.05)
+        assert torch.equal(noisy[m], again[m])
+
+
 def test_jt_learns_the_tiny_task():
     tr = make_trainer("jt", lr=0.01)
     tr.schedule = [tr.schedule[0]] * 20

@@ -21,7 +21,7 @@ from mmrobust.attacks.specs import Measurement, Radii, grid, worst_case
 from mmrobust.checkpoint import load_trained
 from mmrobust.config import EvaluateCfg, Params
 from mmrobust.data.dataset import AVDataset
-from mmrobust.evaluation.certified import certified_rows
+from mmrobust.evaluation.certified import certified_rows, smoothed_masks, smoothing_grid
 from mmrobust.progress import progress
 
 
@@ -76,9 +76,11 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
     predictor, params, ckpt = load_trained(path)
     specs = model_grid(cfg, model_id, ckpt["modalities"])
     worst = worst_case(specs)
+    smoothing = smoothing_grid(cfg, ckpt["modalities"]) if model_id in cfg.smoothing.models else []
     loader = test_loader(params, ckpt["modalities"], cfg)
     cache = Path(cache_dir) / f"{model_id}.jsonl"
-    done = _open_cache(cache, {"labels": [s.label for s in [*specs, *worst]], "model_mtime": os.path.getmtime(path),
+    labels = [s.label for s in [*specs, *worst]] + [label for label, _, _ in smoothing]
+    done = _open_cache(cache, {"labels": labels, "model_mtime": os.path.getmtime(path),
                                "evaluate": cfg.model_dump(mode="json", exclude={"workers"}),
                                "test_clips": len(loader.dataset)})
     if done:
@@ -94,8 +96,11 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
             inputs = {m: batch[m] for m in ckpt["modalities"]}
             y = batch["label"]
             masks = correct_under_attacks(predictor, inputs, y, [(s.label, s.attack, s.kwargs()) for s in specs])
-            for w, labels in worst.items():
-                masks[w.label] = torch.stack([masks[k] for k in labels]).all(0)
+            for w, summarised in worst.items():
+                masks[w.label] = torch.stack([masks[k] for k in summarised]).all(0)
+            if smoothing:
+                masks.update(smoothed_masks(predictor, inputs, y, cfg, ckpt["modalities"],
+                                            torch.Generator().manual_seed(cfg.seed + i)))
             rec = {"batch": i, "n": len(y), "counts": {k: int(v.sum()) for k, v in masks.items()}}
             fh.write(json.dumps(rec) + "\n")
             fh.flush()
@@ -105,11 +110,12 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
         return []
     n = sum(r["n"] for r in done.values())
     specs = [*specs, *worst]
-    correct = {k: sum(r["counts"][k] for r in done.values()) for k in ["clean", *(s.label for s in specs)]}
+    correct = {k: sum(r["counts"][k] for r in done.values()) for k in ["clean", *labels]}
     base = dict(dataset=dataset or params.data.dataset, method=ckpt["method"], model=model_id, n=n)
     rows = [dict(base, attack="clean", modality="all", eps=0.0, accuracy=correct["clean"] / n)]
     rows += [dict(base, attack=s.attack, modality=s.modality, eps=s.eps, accuracy=correct[s.label] / n)
              for s in specs]
+    rows += [dict(base, attack="smoothed", modality=m, eps=r, accuracy=correct[label] / n) for label, m, r in smoothing]
     if model_id in cfg.certify_models:
         rows += certified_rows(predictor, params, ckpt, loader, cfg.joint_grid, base, log)
     log(f"[{model_id}] {len(specs) - len(worst)} attacks x {n} samples in {time.perf_counter() - t0:.1f} s")
