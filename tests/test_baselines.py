@@ -44,8 +44,10 @@ def test_blend_weights_guards():
     assert B.blend_weights(prev, worse) == {"a": 0.5, "b": 0.5}
 
 
-def test_gb_loss_is_the_weighted_sum():
-    tr = trainer("gb", {"reestimate_every": 1})
+@pytest.mark.parametrize("weights_sum,scale", [("one", 1.0), ("heads", 3.0)])
+def test_gb_loss_is_the_weighted_sum(weights_sum, scale):
+    """Σ_k w_k CE_k with the blend weights (sum 1) times 1 (paper) or the number of heads (the default)."""
+    tr = trainer("gb", {"reestimate_every": 1, "weights_sum": weights_sum})
     model, method, ctx = tr.model, tr.method, tr.ctx
     inputs, y = first_batch(tr)
     ctx.state["gb"] = {"weights": {"audio": 0.2, "visual": 0.3, "fused": 0.5}, "prev": None}
@@ -53,9 +55,9 @@ def test_gb_loss_is_the_weighted_sum():
     loss.backward()
     assert all(p.grad.abs().sum() > 0 for p in model.gb_heads.parameters())
     out = model(inputs)
-    want = (0.2 * F.cross_entropy(model.gb_heads["audio"](out.features["audio"]), y)
-            + 0.3 * F.cross_entropy(model.gb_heads["visual"](out.features["visual"]), y)
-            + 0.5 * F.cross_entropy(out.logits, y))
+    want = scale * (0.2 * F.cross_entropy(model.gb_heads["audio"](out.features["audio"]), y)
+                    + 0.3 * F.cross_entropy(model.gb_heads["visual"](out.features["visual"]), y)
+                    + 0.5 * F.cross_entropy(out.logits, y))
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
 
 
@@ -173,8 +175,9 @@ def test_pmr_prototypes_are_class_means_then_ema():
     assert "pmr_prototypes.proto_audio" in model.state_dict()
 
 
-def test_pmr_loss_by_hand():
-    tr = trainer("pmr", {"beta": 2.0, "gamma": 0.5})
+@pytest.mark.parametrize("cap", [None, 1e-3])
+def test_pmr_loss_by_hand(cap):
+    tr = trainer("pmr", {"beta": 2.0, "gamma": 0.5, "max_coefficient": cap})
     model, method, ctx = tr.model, tr.method, tr.ctx
     method.on_epoch_start(model, ctx)
     inputs, y = first_batch(tr)
@@ -187,17 +190,21 @@ def test_pmr_loss_by_hand():
     r = max(rho_a, 1 / rho_a)
     p_strong = F.softmax(plog[strong], 1)
     entropy = -(p_strong * p_strong.log()).sum(1).mean()
-    want = (F.cross_entropy(out.logits, y) + 2.0 * (r - 1) * F.cross_entropy(plog[weak], y)
+    coef = r - 1 if cap is None else min(r - 1, cap)
+    want = (F.cross_entropy(out.logits, y) + 2.0 * coef * F.cross_entropy(plog[weak], y)
             - 0.5 * (r - 1) * entropy)
     assert loss.item() == pytest.approx(want.item(), rel=1e-4)
     assert logs[f"rho_{weak}"] == pytest.approx(1 / r, rel=1e-5)
 
 
-def test_pmr_weak_modality_with_zero_confidence_gets_a_capped_weight(monkeypatch):
-    """On real clips a modality's target confidence underflowed to 0 on a batch: ρ = 0 divided by zero."""
+@pytest.mark.parametrize("max_coefficient", [None, 1.0])
+def test_pmr_weak_modality_with_zero_confidence_gets_a_capped_weight(monkeypatch, max_coefficient):
+    """On real clips a modality's target confidence underflowed to 0 on a batch: ρ = 0 divided by zero. ρ is
+    floored (coefficient 1/floor − 1 = 99 when uncapped); the default caps the coefficient at 1, the official
+    code's constant weight."""
     from mmrobust.methods import baselines
 
-    tr = trainer("pmr", {"beta": 2.0, "gamma": 0.0})
+    tr = trainer("pmr", {"beta": 2.0, "gamma": 0.0, "max_coefficient": max_coefficient})
     model, method, ctx = tr.model, tr.method, tr.ctx
     method.on_epoch_start(model, ctx)
     inputs, y = first_batch(tr)
@@ -207,7 +214,7 @@ def test_pmr_weak_modality_with_zero_confidence_gets_a_capped_weight(monkeypatch
     loss, logs = method.loss(model, inputs, y, ctx)
     out = model(inputs)
     plog = -torch.cdist(out.features[weak], model.pmr_prototypes.get(weak))
-    cap = 1 / baselines.PMR_RHO_FLOOR - 1
+    cap = 1 / baselines.PMR_RHO_FLOOR - 1 if max_coefficient is None else max_coefficient
     want = F.cross_entropy(out.logits, y) + 2.0 * cap * F.cross_entropy(plog, y)
     assert torch.isfinite(loss) and loss.item() == pytest.approx(want.item(), rel=1e-4)
 
@@ -290,7 +297,9 @@ def test_method_trains_two_epochs(name):
     loss.backward()
     method.after_backward(model, ctx)
     for m in model.modalities:
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoders[m].parameters())
+        # a GB encoder learns through its own head or the fused one: not at all when both weigh 0
+        expect = name != "gb" or ctx.state["gb"]["weights"][m] > 0 or ctx.state["gb"]["weights"]["fused"] > 0
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoders[m].parameters()) == expect
     if name == "gb":  # each uni-modal head learns exactly when its blending weight is positive
         w = ctx.state["gb"]["weights"]
         assert any(w[m] > 0 for m in model.modalities) or w["fused"] == 1

@@ -89,9 +89,12 @@ class GradientBlending(Method):
         return [*model.modalities, FUSED]
 
     def weights(self, model, ctx) -> dict:
-        if "gb" not in ctx.state:
-            return {k: 1.0 / len(self.heads(model)) for k in self.heads(model)}
-        return ctx.state["gb"]["weights"]
+        """The blend weights (sum 1) scaled to `weights_sum`: with "heads" the uniform start gives every head
+        JT's loss scale, instead of a third of it to the fused head that predicts."""
+        heads = self.heads(model)
+        w = ctx.state["gb"]["weights"] if "gb" in ctx.state else {k: 1.0 / len(heads) for k in heads}
+        scale = len(heads) if self.p.weights_sum == "heads" else 1.0
+        return {k: scale * v for k, v in w.items()}
 
     def head_logits(self, model, inputs) -> dict:
         out = model(inputs)
@@ -118,7 +121,8 @@ class GradientBlending(Method):
 
     def on_epoch_start(self, model, ctx):
         if "gb" not in ctx.state:
-            ctx.state["gb"] = {"weights": self.weights(model, ctx), "prev": self.checkpoint(model, ctx)}
+            heads = self.heads(model)
+            ctx.state["gb"] = {"weights": {k: 1.0 / len(heads) for k in heads}, "prev": self.checkpoint(model, ctx)}
 
     def on_epoch_end(self, model, ctx):
         if (ctx.epoch + 1) % self.p.reestimate_every:
@@ -244,7 +248,7 @@ class PMR(Method):
     """PMR (Fan et al. 2023): prototypes C_m = EMA over epochs of the class means of φ_m on the train split
     (recomputed at each epoch start, eval mode; `model.pmr_prototypes`); prototype logits p_m = −d(φ_m, C_m);
     s_m = Σ_i softmax(p_m)_{y_i}, ρ_m = s_m / mean_{j≠m} s_j;
-        loss = CE(h, y) + Σ_{m: ρ_m<1} β(1/ρ_m − 1)·CE(p_m, y) − Σ_{m: ρ_m>1} γ(ρ_m − 1)·H(softmax(p_m))
+        loss = CE(h, y) + Σ_{m: ρ_m<1} β·min(1/ρ_m − 1, c)·CE(p_m, y) − Σ_{m: ρ_m>1} γ(ρ_m − 1)·H(softmax(p_m))
     (PCE accelerates the weak modality; PER, the entropy term, slows the dominant one, off by default)."""
     name = "pmr"
     head = "concat"
@@ -297,8 +301,11 @@ class PMR(Method):
             if r < 1 and self.p.beta > 0:
                 pce = F.cross_entropy(plog[m], y)
                 # a modality whose target confidence underflows to 0 on a batch (prototypes far apart, real
-                # clips) would get an infinite weight: cap the coefficient at (1/ρ_min − 1)
-                loss = loss + self.p.beta * (1 / max(r, PMR_RHO_FLOOR) - 1) * pce
+                # clips) would get an infinite weight: ρ is floored, and the coefficient capped
+                coef = 1 / max(r, PMR_RHO_FLOOR) - 1
+                if self.p.max_coefficient is not None:
+                    coef = min(coef, self.p.max_coefficient)
+                loss = loss + self.p.beta * coef * pce
                 logs[f"pce_{m}"] = pce.detach()
             elif r > 1 and self.p.gamma > 0 and per_on:
                 logp = F.log_softmax(plog[m], 1)

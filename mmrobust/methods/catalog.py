@@ -34,6 +34,8 @@ class GBParams(MethodParams):
     reestimate_every: int = Field(2, ge=1, le=1000, description="epochs between weight re-estimations")
     min_overfit: float = Field(1e-2, gt=0, description="floor of ΔO in w ∝ G/ΔO²")
     estimate_batches: int | None = Field(None, ge=1, description="batches per split for the estimates (None: all)")
+    weights_sum: Literal["one", "heads"] = Field("heads", description="the blend weights sum to 1 (paper) or to the "
+                                                 "number of heads (uniform start = JT's loss scale per head)")
 
 
 class OGMParams(MethodParams):
@@ -45,7 +47,9 @@ class OGMParams(MethodParams):
 
 
 class PMRParams(MethodParams):
-    beta: float = Field(1.0, ge=0, description="PCE scale: weak modality m gets β·(1/ρ_m − 1)")
+    beta: float = Field(1.0, ge=0, description="PCE scale: weak modality m gets β·min(1/ρ_m − 1, max_coefficient)")
+    max_coefficient: float | None = Field(1.0, gt=0, description="cap of 1/ρ_m − 1 (the official code's weight is "
+                                          "the constant β; None: uncapped, up to 1/PMR_RHO_FLOOR − 1)")
     gamma: float = Field(0.0, ge=0, description="PER scale: dominant modality m gets γ·(ρ_m − 1) (0: off)")
     per_epochs: int | None = Field(None, ge=0, description="PER only in the first epochs (None: all)")
     proto_momentum: float = Field(0.5, ge=0, lt=1, description="C ← μ C_old + (1 − μ) class mean")
