@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mmrobust.attacks.specs import SPECS, WORST, of_kind, titles
+from mmrobust.attacks.specs import SPECS, WORST, of_kind, strength_title, titles
 from mmrobust.io import atomic_file, save_png, write_csv
 
 ROW_FIELDS = ["dataset", "method", "model", "attack", "modality", "eps", "accuracy", "n"]
@@ -116,7 +116,8 @@ def modalities_of(rows: list[dict]) -> list[str]:
 
 
 def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, models: dict[str, str],
-                 archs: dict[str, Arch] | None = None, attacks: list[str] | None = None) -> list[Path]:
+                 archs: dict[str, Arch] | None = None, attacks: list[str] | None = None, pgd_steps: int = 4
+                 ) -> list[Path]:
     """All tables that the available models allow. `models` maps model id -> method, `archs` model id -> Arch
     (without it every model counts as the base architecture); `attacks` the evaluated attacks in column order
     (default: every declared one that was measured), their kind deciding the tables they are columns of."""
@@ -153,7 +154,67 @@ def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, 
     written.append(_write_table(out, "T11", "CRMT iterations vs joint FGM attack size", *pivot(rows, iters, t11),
                                 note="Columns: joint FGM radius (0 = clean)."))
     written += _certified_tables(rows, out, models, mods)
+    written.append(_strength_table(rows, out, list(models), joint_eps, pgd_steps))
     return [p for p in written if p is not None]
+
+
+MASKING_STEP_DROP = 0.02   # accuracy still falling by this much between the two largest PGD step counts
+MASKING_APGD_GAP = 0.05    # APGD this far below the main PGD (the issue's 5 points)
+
+
+def _strength_runs(rows: list[dict], joint_eps: float) -> dict[str, dict[str, float]]:
+    """{model: {attack: accuracy}} of the joint measurements at joint_eps (clean included)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["modality"] == "all" and (r["attack"] == "clean" or abs(float(r["eps"]) - joint_eps) < 1e-9):
+            out.setdefault(r["model"], {})[r["attack"]] = float(r["accuracy"])
+    return out
+
+
+def strength_flags(rows: list[dict], joint_eps: float, pgd_steps: int = 4) -> dict[str, list[str]]:
+    """{model: reasons} for the models whose robust accuracy looks gradient-masked: still falling by
+    MASKING_STEP_DROP or more between the two largest PGD iteration counts, or APGD at least MASKING_APGD_GAP
+    below the main PGD (`pgd_steps` iterations)."""
+    flags: dict[str, list[str]] = {}
+    for model, acc in _strength_runs(rows, joint_eps).items():
+        curve = sorted([(pgd_steps, acc["pgd"])] if "pgd" in acc else [])
+        curve += sorted((int(a[3:]), v) for a, v in acc.items() if a.startswith("pgd") and a[3:].isdigit())
+        curve = sorted(dict(curve).items())
+        reasons = []
+        if len(curve) >= 2 and curve[-2][1] - curve[-1][1] >= MASKING_STEP_DROP - 1e-9:
+            reasons.append(f"PGD-{curve[-1][0]} {100 * (curve[-2][1] - curve[-1][1]):.1f} points below "
+                           f"PGD-{curve[-2][0]}: still falling with more steps")
+        for a in ("apgd_ce", "apgd_dlr"):
+            if a in acc and "pgd" in acc and acc["pgd"] - acc[a] >= MASKING_APGD_GAP - 1e-9:
+                reasons.append(f"{ATTACK_NAMES[a]} {100 * (acc['pgd'] - acc[a]):.1f} points below PGD-{pgd_steps}")
+        if reasons:
+            flags[model] = reasons
+    return flags
+
+
+def _strength_table(rows: list[dict], out: Path, models: list[str], joint_eps: float, pgd_steps: int = 4
+                    ) -> Path | None:
+    """S: the attack-strength report, joint l2 at joint_eps: the main PGD, PGD with more iterations and restarts,
+    APGD and the per-sample worst case, with a gradient-masking flag per model."""
+    extra = sorted({r["attack"] for r in rows if r["attack"].startswith("pgd") and r["attack"][3:4].isdigit()},
+                   key=lambda a: (("x" in a), int(a[3:].split("x")[0])))
+    if not extra:
+        return None
+    chosen = [m for m in models if any(r["model"] == m and r["attack"] in extra for r in rows)]
+    present = {r["attack"] for r in rows}
+    cols = [_col("clean"), _col("pgd", eps=joint_eps, title=f"PGD-{pgd_steps}")]
+    cols += [_col(a, eps=joint_eps, title=strength_title(a)) for a in extra]
+    cols += [_col(a, eps=joint_eps, title=ATTACK_NAMES[a]) for a in ("apgd_ce", "apgd_dlr", WORST) if a in present]
+    header, body, used = pivot(rows, chosen, cols)
+    flags = strength_flags(rows, joint_eps, pgd_steps)
+    body = [row + ["; ".join(flags.get(row[0], [])) or "–"] for row in body]
+    flagged = ", ".join(m for m in chosen if m in flags) or "none"
+    return _write_table(out, "S", f"attack strength (joint l2, eps {joint_eps:g}) and gradient-masking flags",
+                        header + ["possibly gradient-masked"], body, used,
+                        note=f"Possibly gradient-masked: {flagged}. A model is flagged when its accuracy still "
+                             f"falls by {100 * MASKING_STEP_DROP:g}+ points between the two largest PGD iteration "
+                             f"counts, or when APGD is {100 * MASKING_APGD_GAP:g}+ points below PGD-{pgd_steps}. "
+                             "Restarts use random starts; Worst is the per-sample minimum over every attack.")
 
 
 def _certified_tables(rows, out, models, mods) -> list[Path | None]:

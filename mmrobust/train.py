@@ -276,9 +276,14 @@ class Trainer:
         return model.eval()
 
     def select_final(self) -> None:
-        """Put the selected weights in `self.model` (what the last checkpoint and model.pt hold)."""
+        """Put the selected weights in `self.model` (what the last checkpoint and model.pt hold), then let the
+        method finish (`on_train_end`)."""
         if self.best is not None:
             self.model.load_state_dict(self.best["model"])
+        was = self.model.training
+        self.model.eval()
+        self.method.on_train_end(self.model, self.ctx)
+        self.model.train(was)
 
 
 Report = Callable[[int, dict, Trainer], None]

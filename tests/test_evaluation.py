@@ -140,7 +140,9 @@ def test_evaluation_costs_put_slow_predictions_and_long_grids_first():
 
     params = load_params(Path(__file__).parents[1] / "params.yaml").for_dataset(None)
     costs = evaluation_costs(params, ["gb", "jt", "jacobian_fusion"])
-    n_base = len(attack_grid(params.evaluate, params.extract.modalities, False, False))
+    from mmrobust.evaluation.measure import model_grid
+    n_base = len(model_grid(params.evaluate, "gb", params.extract.modalities))  # no curve grids, no strength report
+    assert n_base == len(attack_grid(params.evaluate, params.extract.modalities, False, False)) - 3
     assert costs["gb"] == n_base                 # no radius grid, JT-like prediction
     assert costs["jt"] > costs["gb"]             # jt has both radius grids
     assert costs["jacobian_fusion"] == 6.0 * n_base

@@ -169,6 +169,36 @@ def test_jacobian_fusion_predict_is_batched_and_changes_the_head():
     torch.testing.assert_close(tr.method.predict(model, x), plain)
 
 
+def test_jacobian_fusion_calibrates_gamma_on_validation_and_keeps_it_in_the_checkpoint(tmp_path):
+    """After training, gamma is the largest grid value whose validation accuracy is within max_clean_drop of
+    the plain head's; predictions use it, and the saved model carries it."""
+    from mmrobust import checkpoint
+    from mmrobust.checkpoint import load_trained
+
+    grid = [50.0, 5.0, 0.5]
+    tr = make_trainer("jacobian_fusion", epochs=1, max_batches=2, calibrate=grid, max_clean_drop=0.0)
+    tr.run_epoch(0)
+    tr.select_final()
+    model, method = tr.model.eval(), tr.method
+    batches = list(tr.batches("val"))
+
+    def acc(g):
+        return sum(int((method.predict(model, x, g).argmax(1) == y).sum()) for x, y in batches) / sum(
+            len(y) for _, y in batches)
+    ok = [g for g in grid if acc(g) >= acc(0.0)]
+    assert float(model.jf_gamma) == (max(ok) if ok else 0.0) == tr.ctx.state["jf_gamma"]
+    x, _ = batches[0]
+    torch.testing.assert_close(method.predict(model, x), method.predict(model, x, float(model.jf_gamma)))
+    path = checkpoint.save(checkpoint.model_file(tr.state_dict(0), {}), tmp_path / "model.pt")
+    predictor, _, _ = load_trained(path)
+    assert float(predictor.model.jf_gamma) == float(model.jf_gamma)
+    # without a grid the configured gamma is used as before
+    fixed = make_trainer("jacobian_fusion", epochs=1, max_batches=1, calibrate=None, gamma=2.0)
+    fixed.run_epoch(0)
+    fixed.select_final()
+    assert float(fixed.model.jf_gamma) == -1.0 and fixed.method.gamma(fixed.model) == 2.0
+
+
 @pytest.mark.parametrize("output", ["logit", "prob"])
 def test_jacobian_fusion_predict_on_a_linear_model(output):
     from mmrobust.methods.robust_fusion import JacobianFusion

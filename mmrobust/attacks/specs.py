@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class AttackParams(BaseModel):
@@ -26,22 +26,33 @@ class AttackParams(BaseModel):
 @dataclass(frozen=True)
 class Measurement:
     """One measured perturbation of a model: attack `attack` on `modality` ("all": joint) of size `eps`
-    (radius, sigma or masking probability; 0 for missing), called with `params`."""
+    (radius, sigma or masking probability; 0 for missing), called with `params`. A declaration that runs one
+    function in several settings (the strength report) names each setting in `attack` and the function in `fn`."""
     attack: str
     modality: str
     eps: float
     params: tuple  # sorted (key, value) pairs passed to the attack function
+    fn: str = ""   # the attack function (registry name); "" = attack
+    spec: str = ""  # the declaration it comes from; "" = attack
 
     @property
     def label(self) -> str:  # unique key of a measurement in the evaluation cache
         return f"{self.attack}|{self.modality}|{self.eps:g}"
 
+    @property
+    def function(self) -> str:
+        return self.fn or self.attack
+
+    @property
+    def kind(self) -> str:
+        return SPECS[self.spec or self.attack].kind
+
     def kwargs(self) -> dict:
         return dict(self.params)
 
 
-def measurement(attack: str, modality: str, size: float, **params) -> Measurement:
-    return Measurement(attack, modality, float(size), tuple(sorted(params.items())))
+def measurement(attack: str, modality: str, size: float, fn: str = "", spec: str = "", **params) -> Measurement:
+    return Measurement(attack, modality, float(size), tuple(sorted(params.items())), fn, spec)
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,7 @@ class Radii:
 class AttackSpec:
     name: str
     title: str
-    kind: Literal["robust", "missing", "corruption"]
+    kind: Literal["robust", "missing", "corruption", "strength"]
     Params: type[AttackParams]
     grid: Callable[[AttackParams, Radii], list[Measurement]]
 
@@ -170,16 +181,45 @@ declare("apgd_ce", "APGD-CE", "robust", APGDParams)(_apgd_grid("apgd_ce"))
 declare("apgd_dlr", "APGD-DLR", "robust", APGDParams)(_apgd_grid("apgd_dlr"))
 
 
+class StrengthParams(AttackParams):
+    steps: list[int] = Field([20, 50], description="PGD iterations beside the main PGD's (joint, at joint_eps)")
+    restarts: int = Field(2, ge=1, le=100, description="random-start restarts at the smallest of `steps` (1: none)")
+    step_factor: float = Field(2.5, gt=0, description="step size = factor * eps / steps (Madry et al.)")
+    models: list[str] | None = Field(None, description="the models measured (None: every model)")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v):
+        if not v or any(s < 1 for s in v) or len(set(v)) != len(v):
+            raise ValueError("steps: distinct iteration counts >= 1")
+        return sorted(v)
+
+
+def strength_name(steps: int, restarts: int = 1) -> str:
+    return f"pgd{steps}" + (f"x{restarts}" if restarts > 1 else "")
+
+
+@declare("strength", "strength", "strength", StrengthParams)
+def _strength_grid(p: StrengthParams, r: Radii) -> list[Measurement]:
+    """Attack-strength report (joint, joint_eps): PGD with more iterations, and with random restarts; read beside
+    the main PGD and APGD to flag possible gradient masking (mmrobust/tables.py: strength_flags)."""
+    e = r.joint_main
+    runs = [(s, 1) for s in p.steps] + ([(p.steps[0], p.restarts)] if p.restarts > 1 else [])
+    return [measurement(strength_name(s, k), "all", e, fn="pgd", spec="strength", eps=e, steps=s,
+                        step_size=p.step_factor * e / s, restarts=k, random_start=k > 1) for s, k in runs if e > 0]
+
+
 # Not an attack: per sample, the worst of every robust attack run at the same modality and radius (a sample
 # counts as robust only if no attack fooled it), as RobustBench reports robust accuracy.
 WORST = "worst"
 
 
 def worst_case(measurements: list[Measurement]) -> dict[Measurement, list[str]]:
-    """{worst-case measurement: labels of the robust measurements it takes the minimum over}."""
+    """{worst-case measurement: labels of the robust (and strength-report) measurements it takes the minimum
+    over}."""
     groups: dict[tuple[str, float], list[str]] = {}
     for m in measurements:
-        if SPECS[m.attack].kind == "robust":
+        if m.kind in ("robust", "strength"):
             groups.setdefault((m.modality, m.eps), []).append(m.label)
     return {measurement(WORST, mod, eps): labels for (mod, eps), labels in groups.items()}
 
@@ -209,7 +249,14 @@ def grid(attacks: dict[str, AttackParams], radii: Radii) -> list[Measurement]:
 
 
 def titles() -> dict[str, str]:
-    return {"clean": "Clean", **{name: s.title for name, s in SPECS.items()}, WORST: "Worst", "certified": "CA"}
+    return {"clean": "Clean", **{name: s.title for name, s in SPECS.items()}, WORST: "Worst", "certified": "CA",
+            "smoothed": "RS"}
+
+
+def strength_title(attack: str) -> str:
+    """"pgd50" -> "PGD-50", "pgd20x2" -> "PGD-20 ×2 restarts"."""
+    steps, _, restarts = attack.removeprefix("pgd").partition("x")
+    return f"PGD-{steps}" + (f" ×{restarts} restarts" if restarts else "")
 
 
 def of_kind(attacks, kind: str) -> list[str]:

@@ -36,8 +36,13 @@ def attack_grid(cfg: EvaluateCfg, modalities: list[str], joint_curve: bool = Tru
 
 
 def model_grid(cfg: EvaluateCfg, model_id: str, modalities: list[str]) -> list[Measurement]:
-    """The grid of one model: the radius grids only for the models of the curve figures and tables."""
-    return attack_grid(cfg, modalities, model_id in cfg.joint_grid_models, model_id in cfg.uni_grid_models)
+    """The grid of one model: the radius grids only for the models of the curve figures and tables, the
+    strength report only for its models."""
+    specs = attack_grid(cfg, modalities, model_id in cfg.joint_grid_models, model_id in cfg.uni_grid_models)
+    strength = cfg.attacks.get("strength")
+    if strength is not None and strength.models is not None and model_id not in strength.models:
+        specs = [s for s in specs if s.spec != "strength"]
+    return specs
 
 
 def test_loader(params: Params, modalities: list[str], cfg: EvaluateCfg) -> DataLoader:
@@ -95,7 +100,7 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
             torch.manual_seed(cfg.seed + i)  # random starts / noise: same numbers on a rerun
             inputs = {m: batch[m] for m in ckpt["modalities"]}
             y = batch["label"]
-            masks = correct_under_attacks(predictor, inputs, y, [(s.label, s.attack, s.kwargs()) for s in specs])
+            masks = correct_under_attacks(predictor, inputs, y, [(s.label, s.function, s.kwargs()) for s in specs])
             for w, summarised in worst.items():
                 masks[w.label] = torch.stack([masks[k] for k in summarised]).all(0)
             if smoothing:

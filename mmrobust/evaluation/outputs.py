@@ -41,7 +41,8 @@ def write_outputs(params: Params, ids: list[str], rows: list[dict], methods: dic
     out.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out / "tables") as tmp:
         written = [out / "tables" / p.name for p in
-                   tables.write_tables(rows, tmp, cfg.joint_eps, cfg.uni_eps, methods, archs, list(cfg.attacks))]
+                   tables.write_tables(rows, tmp, cfg.joint_eps, cfg.uni_eps, methods, archs, list(cfg.attacks),
+                                       cfg.attacks["pgd"].steps if "pgd" in cfg.attacks else 4)]
     with atomic_dir(out / "figures") as tmp:
         made = tables.write_figures(rows, tmp, methods) + analysis_figures(params, ids, models_dir, tmp, log)
         figures = [out / "figures" / p.name for p in made]

@@ -87,6 +87,9 @@ class Method:
     def on_epoch_end(self, model: nn.Module, ctx: Ctx) -> None:
         pass
 
+    def on_train_end(self, model: nn.Module, ctx: Ctx) -> None:
+        """Once the final weights are selected (e.g. calibrating test-time settings on the validation split)."""
+
     # ---- inference
     def predict(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         """Fused logits used for evaluation (a method with test-time processing overrides this)."""

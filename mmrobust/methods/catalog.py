@@ -85,7 +85,12 @@ class RMTLParams(MethodParams):
 
 
 class JacobianFusionParams(MethodParams):
-    gamma: float = Field(1.0, ge=0, description="weight of the Jacobian penalty (0: the plain head)")
+    gamma: float = Field(1.0, ge=0, description="weight of the Jacobian penalty (0: the plain head); with a "
+                         "calibration grid, the value used until training ends")
+    calibrate: list[float] | None = Field([1.0, 0.3, 0.1, 0.03, 0.01], description="after training, the largest "
+                                          "gamma here whose validation accuracy is within max_clean_drop of "
+                                          "the plain head's (0 if none); None: always `gamma`")
+    max_clean_drop: float = Field(0.01, ge=0, le=1, description="validation accuracy the calibration may give up")
     output: Literal["prob", "logit"] = Field("prob", description="p whose Jacobian is penalised: softmax or logits")
     max_elements: int = Field(2 ** 26, ge=1, description="Jacobian entries held at once (memory bound)")
 
