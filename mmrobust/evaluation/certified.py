@@ -32,8 +32,9 @@ def certified_rows(predictor: Predictor, params: Params, ckpt: dict, loader: Dat
 
 def smoothing_grid(cfg: EvaluateCfg, modalities: list[str]) -> list[tuple[str, str, float]]:
     """(label, noised modality or "all", radius) of every randomised-smoothing measurement: the joint certificate
-    on {0} + joint_grid, per modality on {0, uni_eps} + uni_grid (the radii of the PGD columns beside them)."""
-    joint = sorted({0.0, *cfg.joint_grid})
+    on {0, joint_eps} + joint_grid, per modality on {0, uni_eps} + uni_grid (the radii of the PGD columns beside
+    them)."""
+    joint = sorted({0.0, cfg.joint_eps, *cfg.joint_grid})
     uni = sorted({0.0, cfg.uni_eps, *cfg.uni_grid})
     out = [(f"smoothed:all:{r:g}", "all", r) for r in joint]
     if cfg.smoothing.per_modality and len(modalities) > 1:
