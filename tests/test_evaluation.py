@@ -146,6 +146,9 @@ def test_evaluation_costs_put_slow_predictions_and_long_grids_first():
     assert costs["gb"] == n_base                 # no radius grid, JT-like prediction
     assert costs["jt"] > costs["gb"]             # jt has both radius grids
     assert costs["jacobian_fusion"] == 6.0 * n_base
+    smoothed = evaluation_costs(params, ["jt_noise"])["jt_noise"]  # same grid as gb, plus smoothing's predictions
+    sc = params.evaluate.smoothing
+    assert smoothed == pytest.approx(n_base + (sc.n0 + sc.n) * 3 / 16)  # joint + one per modality
 
 
 def test_evaluation_resumes_after_interruption(trained, tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 from mmrobust.checkpoint import MODEL_FILE
 from mmrobust.config import EvaluateCfg, Params
+from mmrobust.evaluation.certified import smoothing_grid
 from mmrobust.evaluation.measure import evaluate_model, model_grid
 
 
@@ -51,10 +52,19 @@ def evaluate_models(ids: list[str], models_dir: str | Path, cfg: EvaluateCfg, ca
         return [rows[mid] for mid in ids]
 
 
+SMOOTHING_FORWARDS_PER_MEASUREMENT = 16  # measured: 432 noisy predictions per sample cost ~26 attack measurements
+
+
 def evaluation_costs(params: Params, ids: list[str]) -> dict[str, float]:
-    """Estimated relative cost of evaluating each model: its number of measurements times its method's
-    `predict_cost`."""
+    """Estimated relative cost of evaluating each model: its number of measurements, plus its randomised-smoothing
+    predictions in measurement units, times its method's `predict_cost`."""
     from mmrobust.methods import METHODS
 
-    return {mid: METHODS[params.all_models[mid].method].predict_cost
-            * len(model_grid(params.evaluate, mid, params.modalities)) for mid in ids}
+    cfg, out = params.evaluate, {}
+    for mid in ids:
+        units = len(model_grid(cfg, mid, params.modalities))
+        if mid in cfg.smoothing.models:
+            settings = len({m for _, m, _ in smoothing_grid(cfg, params.modalities)})
+            units += (cfg.smoothing.n0 + cfg.smoothing.n) * settings / SMOOTHING_FORWARDS_PER_MEASUREMENT
+        out[mid] = METHODS[params.all_models[mid].method].predict_cost * units
+    return out
