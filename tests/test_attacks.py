@@ -110,6 +110,8 @@ def clone(d):
 CASES = {
     "fgm": dict(params=dict(eps=0.5), budget=0.5, random=False),
     "pgd": dict(params=dict(eps=0.5), budget=0.5, random=False),
+    # on a model without Predictor.adaptive() it is plain PGD (tests/test_robust_fusion.py covers the adaptive path)
+    "pgd_adaptive": dict(params=dict(eps=0.5), budget=0.5, random=False),
     "mea": dict(params=dict(eps=0.5, seed=0), budget=0.5, random=True),
     "missing": dict(params=dict(fill="zeros"), budget=None, random=False),
     "mgn": dict(params=dict(sigma=1.0, seed=0), budget=None, random=True),

@@ -199,6 +199,56 @@ def test_jacobian_fusion_calibrates_gamma_on_validation_and_keeps_it_in_the_chec
     assert float(fixed.model.jf_gamma) == -1.0 and fixed.method.gamma(fixed.model) == 2.0
 
 
+@pytest.mark.parametrize("prob", [False, True])
+def test_fusion_matrices_by_solve_equal_the_eigenbasis_solution(prob):
+    from mmrobust.methods.robust_fusion import fusion_matrices_by_solve
+
+    J, S = _random_problem(seed=5)
+    grams = torch.stack([j @ j.T for j in J])
+    S = torch.stack([S, S]) if prob else None
+    torch.testing.assert_close(fusion_matrices_by_solve(grams, 0.7, S), fusion_matrices_from_gram(grams, 0.7, S))
+    low_rank = torch.randn(4, 2, dtype=torch.float64)  # singular Gram: the solve still has a unique answer
+    torch.testing.assert_close(fusion_matrices_by_solve(low_rank @ low_rank.T, 2.0),
+                               fusion_matrices_from_gram(low_rank @ low_rank.T, 2.0))
+
+
+def test_jacobian_fusion_adaptive_prediction_has_the_full_gradient():
+    """predict_adaptive gives the same logits as predict, but its input gradient includes W's dependence on x
+    (through the softmax Jacobian S at the clean prediction): it matches finite differences (gradcheck), and the
+    constant-W gradient of `predict` does not."""
+    from mmrobust.methods.robust_fusion import JacobianFusion
+
+    model, x = linear_model(), linear_inputs(B=3)
+    method = JacobianFusion(None, JacobianFusion.Params(gamma=2.0, output="prob", calibrate=None))
+    torch.testing.assert_close(method.predict_adaptive(model, x), method.predict(model, x))
+    y = torch.tensor([0, 1, 2])
+
+    def loss(fn, audio):
+        return F.cross_entropy(fn(model, {"audio": audio, "visual": x["visual"]}), y)
+
+    audio = x["audio"].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: loss(method.predict_adaptive, a), (audio,), eps=1e-6, atol=1e-6)
+    full = torch.autograd.grad(loss(method.predict_adaptive, audio), audio)[0]
+    partial = torch.autograd.grad(loss(method.predict, audio), audio)[0]
+    assert float((full - partial).abs().max()) > 1e-4 * float(full.abs().max())
+
+
+def test_adaptive_pgd_runs_only_where_it_differs():
+    """The registered adaptive attack attacks Predictor.adaptive(); the evaluation runs it only for methods
+    with test-time processing (has_adaptive)."""
+    from mmrobust.attacks import run_attack
+    from mmrobust.methods import METHODS, Predictor
+
+    assert {n for n, m in METHODS.items() if m.has_adaptive} == {"jacobian_fusion"}
+    model, x = linear_model(), linear_inputs(B=3)
+    method = METHODS["jacobian_fusion"](None, METHODS["jacobian_fusion"].Params(gamma=2.0, calibrate=None))
+    pred = Predictor(model, method)
+    y = pred(x).argmax(1)
+    adv = run_attack("pgd_adaptive", pred, x, y, eps=0.5, steps=3, step_size=0.2, clamp=False)
+    delta = torch.cat([(adv[m] - x[m]).flatten(1) for m in x], 1).norm(dim=1)
+    assert bool((delta <= 0.5 + 1e-9).all()) and bool((delta > 0).any())
+
+
 @pytest.mark.parametrize("output", ["logit", "prob"])
 def test_jacobian_fusion_predict_on_a_linear_model(output):
     from mmrobust.methods.robust_fusion import JacobianFusion

@@ -104,6 +104,12 @@ def pgd(model: nn.Module, inputs: Inputs, y: torch.Tensor, eps: float | Mapping[
     return best
 
 
+def pgd_adaptive(model: nn.Module, inputs: Inputs, y: torch.Tensor, **params) -> Inputs:
+    """PGD on the model's adaptive form (`Predictor.adaptive()`: the full gradient through a defence's test-time
+    computation); a model without one is attacked as is."""
+    return pgd(model.adaptive() if hasattr(model, "adaptive") else model, inputs, y, **params)
+
+
 def fgm(model: nn.Module, inputs: Inputs, y: torch.Tensor, eps: float | Mapping[str, float] = 0.5,
         modalities=None, clamp: bool = True) -> Inputs:
     """One step x_m + eps * g_m / sqrt(sum_m ||g_m||^2) (per-modality normalisation for a dict eps)."""

@@ -8,11 +8,12 @@ import torch.nn as nn
 
 from .core import Inputs, attack_mode
 from .corruptions import mgn, missing, mpm
-from .gradient import fgm, mea, pgd
+from .gradient import fgm, mea, pgd, pgd_adaptive
 from .library import apgd_ce, apgd_dlr
 
 ATTACKS: dict[str, Callable[..., Inputs]] = {"fgm": fgm, "pgd": pgd, "mea": mea, "missing": missing, "mgn": mgn,
-                                             "mpm": mpm, "apgd_ce": apgd_ce, "apgd_dlr": apgd_dlr}
+                                             "mpm": mpm, "apgd_ce": apgd_ce, "apgd_dlr": apgd_dlr,
+                                             "pgd_adaptive": pgd_adaptive}
 
 
 def run_attack(name: str, model: nn.Module, inputs: Inputs, y: torch.Tensor, **params) -> Inputs:

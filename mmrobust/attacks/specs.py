@@ -127,6 +127,27 @@ def _pgd_grid(p: PGDParams, r: Radii) -> list[Measurement]:
                                                   random_start=p.random_start))
 
 
+class AdaptivePGDParams(AttackParams):
+    steps: int = Field(4, ge=1, le=10000)
+    step_ratio: float = Field(1 / 3, gt=0, le=1, description="step size = ratio * eps")
+    uni: bool = Field(False, description="also per modality at uni_eps (joint at joint_eps always)")
+
+
+# Attacks that only differ from their plain version for methods with test-time processing (`has_adaptive`).
+ADAPTIVE = {"pgd_adaptive"}
+
+
+@declare("pgd_adaptive", "PGD (adaptive)", "robust", AdaptivePGDParams)
+def _pgd_adaptive_grid(p: AdaptivePGDParams, r: Radii) -> list[Measurement]:
+    """l2 PGD through the full test-time computation of a defence (Jacobian fusion's fusion matrices as
+    functions of x); run only for methods that have such a computation."""
+    kw = lambda e: dict(eps=e, steps=p.steps, step_size=e * p.step_ratio)  # noqa: E731
+    out = [measurement("pgd_adaptive", "all", r.joint_main, **kw(r.joint_main))] if r.joint_main > 0 else []
+    if p.uni and r.uni_main > 0:
+        out += [measurement("pgd_adaptive", m, r.uni_main, modalities=[m], **kw(r.uni_main)) for m in r.modalities]
+    return out
+
+
 class MissingParams(AttackParams):
     pass
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from mmrobust.attacks.evaluate import correct_under_attacks
-from mmrobust.attacks.specs import Measurement, Radii, grid, worst_case
+from mmrobust.attacks.specs import ADAPTIVE, Measurement, Radii, grid, worst_case
 from mmrobust.checkpoint import load_trained
 from mmrobust.config import EvaluateCfg, Params
 from mmrobust.data.dataset import AVDataset
@@ -80,6 +80,8 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
     """All attack measurements of one trained model as tidy rows (resumable through the cache)."""
     predictor, params, ckpt = load_trained(path)
     specs = model_grid(cfg, model_id, ckpt["modalities"])
+    if not predictor.method.has_adaptive:  # an adaptive attack on a plain prediction repeats the plain one
+        specs = [s for s in specs if s.attack not in ADAPTIVE]
     worst = worst_case(specs)
     smoothing = smoothing_grid(cfg, ckpt["modalities"]) if model_id in cfg.smoothing.models else []
     loader = test_loader(params, ckpt["modalities"], cfg)

@@ -95,6 +95,13 @@ class Method:
         """Fused logits used for evaluation (a method with test-time processing overrides this)."""
         return model(inputs).logits
 
+    has_adaptive: ClassVar[bool] = False  # True: predict_adaptive differs from predict (adaptive attacks run)
+
+    def predict_adaptive(self, model: nn.Module, inputs: dict) -> torch.Tensor:
+        """The same prediction with the full gradient through its test-time computation, for adaptive attacks
+        (where `predict` treats part of it as a constant)."""
+        return self.predict(model, inputs)
+
 
 class Predictor(nn.Module):
     """The method's own test-time prediction as a model the attacks can differentiate through."""
@@ -109,6 +116,15 @@ class Predictor(nn.Module):
 
     def encode(self, inputs):
         return self.model.encode(inputs)
+
+    def adaptive(self) -> "Predictor":
+        """The predictor adaptive attacks differentiate: `method.predict_adaptive`, same weights."""
+        return AdaptivePredictor(self.model, self.method)
+
+
+class AdaptivePredictor(Predictor):
+    def forward(self, inputs):
+        return self.method.predict_adaptive(self.model, inputs)
 
 
 METHODS: dict[str, type[Method]] = {}

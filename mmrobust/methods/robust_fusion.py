@@ -276,6 +276,19 @@ def jacobian_fusion_residual(W: list[torch.Tensor], J: list[torch.Tensor], gamma
     return out
 
 
+def fusion_matrices_by_solve(gram: torch.Tensor, gamma: float, out_jacobian: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """The same W as `fusion_matrices_from_gram`, from the vec form of W + γ SᵀS W B = I,
+    (I + γ SᵀS ⊗ Bᵀ) vec W = vec I (row-major vec): one K²×K² solve per sample, differentiable in B and S (the
+    eigen-decomposition's gradient is unstable at repeated eigenvalues, which B of rank < K always has)."""
+    K = gram.shape[-1]
+    eye = torch.eye(K, dtype=gram.dtype, device=gram.device)
+    ss = eye.expand_as(gram) if out_jacobian is None else out_jacobian.mT @ out_jacobian
+    kron = (ss[..., :, None, :, None] * gram.mT[..., None, :, None, :]).reshape(*gram.shape[:-2], K * K, K * K)
+    A = torch.eye(K * K, dtype=gram.dtype, device=gram.device) + gamma * kron
+    return torch.linalg.solve(A, eye.flatten().expand(*gram.shape[:-2], K * K)).reshape(gram.shape)
+
+
 def softmax_jacobian(logits: torch.Tensor) -> torch.Tensor:
     """∂softmax/∂logits = diag(p) − ppᵀ, (B, K, K)."""
     p = logits.softmax(-1)
@@ -351,6 +364,34 @@ class JacobianFusion(JT):
         W = self.fusion_matrices(model, inputs, gamma)
         z = fused_terms(model, model.encode(inputs))
         return sum((W[m] @ z[m][..., None]).squeeze(-1) for m in z) + model.head.bias
+
+    has_adaptive = True
+
+    def predict_adaptive(self, model, inputs):
+        """`predict` with W as a function of x: J_m(x) = ∂z_m/∂x_m is built with create_graph, and W solves its
+        linear system differentiably, so an attack's gradient goes through the fusion matrices (issue #14:
+        `predict` treats them as constants). Holds every sample's Jacobian at once (no max_elements chunks)."""
+        model = _unwrap(model)
+        gamma = self.gamma(model)
+        if gamma == 0:
+            return model(inputs).logits
+        with torch.enable_grad():
+            xs = {m: inputs[m] if inputs[m].requires_grad else inputs[m].detach().requires_grad_(True)
+                  for m in model.modalities}
+            z = fused_terms(model, model.encode(xs))
+            total = sum(z.values())
+            rows = {m: [] for m in xs}
+            for k in range(total.shape[1]):
+                g = torch.autograd.grad(total[:, k].sum(), list(xs.values()), create_graph=True, retain_graph=True)
+                for m, gm in zip(xs, g):
+                    rows[m].append(gm.flatten(1))
+            S = softmax_jacobian(total + model.head.bias) if self.p.output == "prob" else None
+            out = model.head.bias
+            for m in xs:
+                J = torch.stack(rows[m], 1)
+                W = fusion_matrices_by_solve(J @ J.mT, gamma, S)
+                out = out + (W @ z[m][..., None]).squeeze(-1)
+            return out
 
     def on_train_end(self, model, ctx):
         """The penalty is not scale-free: J_m of a sensitive, informative modality (spectrograms) is large, and
