@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mmrobust.attacks.specs import SPECS, WORST, of_kind, strength_title, titles
+from mmrobust.attacks.specs import SPECS, WORST, of_kind, parse_strength, strength_title, titles
 from mmrobust.io import atomic_file, save_png, write_csv
 
 ROW_FIELDS = ["dataset", "method", "model", "attack", "modality", "eps", "accuracy", "n"]
@@ -177,9 +177,12 @@ def strength_flags(rows: list[dict], joint_eps: float, pgd_steps: int = 4) -> di
     below the main PGD (`pgd_steps` iterations)."""
     flags: dict[str, list[str]] = {}
     for model, acc in _strength_runs(rows, joint_eps).items():
-        curve = sorted([(pgd_steps, acc["pgd"])] if "pgd" in acc else [])
-        curve += sorted((int(a[3:]), v) for a, v in acc.items() if a.startswith("pgd") and a[3:].isdigit())
-        curve = sorted(dict(curve).items())
+        steps = {pgd_steps: acc["pgd"]} if "pgd" in acc else {}
+        for a, v in acc.items():  # single-run strength measurements (restarts are not on the step curve)
+            parsed = parse_strength(a)
+            if parsed and parsed[1] == 1:
+                steps[parsed[0]] = v
+        curve = sorted(steps.items())
         reasons = []
         if len(curve) >= 2 and curve[-2][1] - curve[-1][1] >= MASKING_STEP_DROP - 1e-9:
             reasons.append(f"PGD-{curve[-1][0]} {100 * (curve[-2][1] - curve[-1][1]):.1f} points below "
@@ -196,8 +199,8 @@ def _strength_table(rows: list[dict], out: Path, models: list[str], joint_eps: f
                     ) -> Path | None:
     """S: the attack-strength report, joint l2 at joint_eps: the main PGD, PGD with more iterations and restarts,
     APGD and the per-sample worst case, with a gradient-masking flag per model."""
-    extra = sorted({r["attack"] for r in rows if r["attack"].startswith("pgd") and r["attack"][3:4].isdigit()},
-                   key=lambda a: (("x" in a), int(a[3:].split("x")[0])))
+    extra = sorted({r["attack"] for r in rows if parse_strength(r["attack"])},
+                   key=lambda a: (parse_strength(a)[1] > 1, parse_strength(a)[0]))
     if not extra:
         return None
     chosen = [m for m in models if any(r["model"] == m and r["attack"] in extra for r in rows)]
@@ -227,11 +230,12 @@ def _certified_tables(rows, out, models, mods) -> list[Path | None]:
     def radii(attack, joint):
         return sorted({float(r["eps"]) for r in rows if r["attack"] == attack and (r["modality"] == "all") == joint})
 
-    joint_r = sorted({*radii("certified", True), *radii("smoothed", True)})
-    kinds = [(a, t) for a, t in (("certified", "CA"), ("smoothed", "RS")) if radii(a, True)]
+    measured = {a: radii(a, True) for a in ("certified", "smoothed")}
+    joint_r = sorted({*measured["certified"], *measured["smoothed"]})
     ca = []
     for e in joint_r:
-        ca += [_col(a, eps=e, title=f"{t} {e:g}") for a, t in kinds if e in radii(a, True)]
+        ca += [_col(a, eps=e, title=f"{t} {e:g}") for a, t in (("certified", "CA"), ("smoothed", "RS"))
+               if e in measured[a]]
         ca.append(_col("clean", title="clean") if e == 0 else _col("pgd", eps=e, title=f"PGD {e:g}"))
     chosen = [m for m in models if has(m, "certified", True) or has(m, "smoothed", True)]
     written = [_write_table(out, "CA", "certified accuracy CA(r): sound certificate (CA) and randomised smoothing (RS) "

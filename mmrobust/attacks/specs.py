@@ -220,6 +220,15 @@ def strength_name(steps: int, restarts: int = 1) -> str:
     return f"pgd{steps}" + (f"x{restarts}" if restarts > 1 else "")
 
 
+def parse_strength(attack: str) -> tuple[int, int] | None:
+    """(steps, restarts) of a strength-report measurement name ("pgd50" -> (50, 1), "pgd20x2" -> (20, 2)), else
+    None."""
+    steps, _, restarts = attack.removeprefix("pgd").partition("x")
+    if not attack.startswith("pgd") or not steps.isdigit() or (restarts and not restarts.isdigit()):
+        return None
+    return int(steps), int(restarts or 1)
+
+
 @declare("strength", "strength", "strength", StrengthParams)
 def _strength_grid(p: StrengthParams, r: Radii) -> list[Measurement]:
     """Attack-strength report (joint, joint_eps): PGD with more iterations, and with random restarts; read beside
@@ -276,8 +285,8 @@ def titles() -> dict[str, str]:
 
 def strength_title(attack: str) -> str:
     """"pgd50" -> "PGD-50", "pgd20x2" -> "PGD-20 ×2 restarts"."""
-    steps, _, restarts = attack.removeprefix("pgd").partition("x")
-    return f"PGD-{steps}" + (f" ×{restarts} restarts" if restarts else "")
+    steps, restarts = parse_strength(attack)
+    return f"PGD-{steps}" + (f" ×{restarts} restarts" if restarts > 1 else "")
 
 
 def of_kind(attacks, kind: str) -> list[str]:

@@ -91,10 +91,12 @@ class GradientBlending(Method):
     def weights(self, model, ctx) -> dict:
         """The blend weights (sum 1) scaled to `weights_sum`: with "heads" the uniform start gives every head
         JT's loss scale, instead of a third of it to the fused head that predicts."""
-        heads = self.heads(model)
-        w = ctx.state["gb"]["weights"] if "gb" in ctx.state else {k: 1.0 / len(heads) for k in heads}
-        scale = len(heads) if self.p.weights_sum == "heads" else 1.0
+        w = ctx.state["gb"]["weights"] if "gb" in ctx.state else self.uniform(model)
+        scale = len(w) if self.p.weights_sum == "heads" else 1.0
         return {k: scale * v for k, v in w.items()}
+
+    def uniform(self, model) -> dict:
+        return {k: 1.0 / len(self.heads(model)) for k in self.heads(model)}
 
     def head_logits(self, model, inputs) -> dict:
         out = model(inputs)
@@ -121,8 +123,7 @@ class GradientBlending(Method):
 
     def on_epoch_start(self, model, ctx):
         if "gb" not in ctx.state:
-            heads = self.heads(model)
-            ctx.state["gb"] = {"weights": {k: 1.0 / len(heads) for k in heads}, "prev": self.checkpoint(model, ctx)}
+            ctx.state["gb"] = {"weights": self.uniform(model), "prev": self.checkpoint(model, ctx)}
 
     def on_epoch_end(self, model, ctx):
         if (ctx.epoch + 1) % self.p.reestimate_every:

@@ -300,6 +300,23 @@ def fused_terms(model: nn.Module, features: dict) -> dict[str, torch.Tensor]:
     return {m: F.linear(f, model.head.fused_weight(m)) for m, f in features.items()}
 
 
+def input_jacobians(model: nn.Module, xs: dict, create_graph: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """J_m = ∂z_m/∂x_m (B, K, D_m) for inputs `xs` that require grad, and the terms z_m (B, K). z_m depends on x_m
+    only, so one backward pass per class k gives every modality's row k. Samples must not interact (eval mode).
+    `create_graph`: J stays a differentiable function of x (adaptive attacks)."""
+    z = fused_terms(model, model.encode(xs))
+    total = sum(z.values())
+    K = total.shape[1]
+    rows = {m: [] for m in xs}
+    for k in range(K):
+        g = torch.autograd.grad(total[:, k].sum(), list(xs.values()), create_graph=create_graph,
+                                retain_graph=create_graph or k < K - 1)
+        for m, gm in zip(xs, g):
+            rows[m].append(gm.flatten(1))
+    return {m: torch.stack(r, 1) for m, r in rows.items()}, z
+
+
 def jacobian_grams(model: nn.Module, inputs: dict, max_elements: int = 2 ** 26
                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per sample and modality the Gram matrix J_m J_mᵀ (B, K, K) of J_m = ∂z_m/∂x_m, and the clean fused logits.
@@ -316,17 +333,10 @@ def jacobian_grams(model: nn.Module, inputs: dict, max_elements: int = 2 ** 26
     with torch.enable_grad():
         for s in range(0, B, chunk):
             xs = {m: inputs[m][s: s + chunk].detach().requires_grad_(True) for m in model.modalities}
-            z = fused_terms(model, model.encode(xs))
-            total = sum(z.values())  # z_m depends on x_m only, so one backward gives every modality's row k
-            rows = {m: [] for m in xs}
-            for k in range(K):
-                g = torch.autograd.grad(total[:, k].sum(), list(xs.values()), retain_graph=k < K - 1)
-                for m, gm in zip(xs, g):
-                    rows[m].append(gm.flatten(1))
+            J, z = input_jacobians(model, xs)
             for m in xs:
-                J = torch.stack(rows[m], 1)  # (c, K, D_m)
-                grams[m].append(J @ J.mT)
-            logits.append((total + model.head.bias).detach())
+                grams[m].append(J[m] @ J[m].mT)
+            logits.append((sum(z.values()) + model.head.bias).detach())
     return {m: torch.cat(v) for m, v in grams.items()}, torch.cat(logits)
 
 
@@ -378,20 +388,10 @@ class JacobianFusion(JT):
         with torch.enable_grad():
             xs = {m: inputs[m] if inputs[m].requires_grad else inputs[m].detach().requires_grad_(True)
                   for m in model.modalities}
-            z = fused_terms(model, model.encode(xs))
-            total = sum(z.values())
-            rows = {m: [] for m in xs}
-            for k in range(total.shape[1]):
-                g = torch.autograd.grad(total[:, k].sum(), list(xs.values()), create_graph=True, retain_graph=True)
-                for m, gm in zip(xs, g):
-                    rows[m].append(gm.flatten(1))
-            S = softmax_jacobian(total + model.head.bias) if self.p.output == "prob" else None
-            out = model.head.bias
-            for m in xs:
-                J = torch.stack(rows[m], 1)
-                W = fusion_matrices_by_solve(J @ J.mT, gamma, S)
-                out = out + (W @ z[m][..., None]).squeeze(-1)
-            return out
+            J, z = input_jacobians(model, xs, create_graph=True)
+            S = softmax_jacobian(sum(z.values()) + model.head.bias) if self.p.output == "prob" else None
+            return model.head.bias + sum(
+                (fusion_matrices_by_solve(J[m] @ J[m].mT, gamma, S) @ z[m][..., None]).squeeze(-1) for m in z)
 
     def on_train_end(self, model, ctx):
         """The penalty is not scale-free: J_m of a sensitive, informative modality (spectrograms) is large, and
