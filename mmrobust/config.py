@@ -256,7 +256,7 @@ class TrainCfg(_Strict):
     modalities: Optional[list[str]] = None  # None: extract.modalities
     epochs: int = Field(10, ge=1, le=10000)
     batch_size: int = Field(32, ge=1, le=4096)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(1e-2, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0, le=1)
@@ -392,6 +392,150 @@ class EvaluateCfg(_Strict):
         return raw
 
 
+# ---------------------------------------------------------------- vl (zero-shot robustness of CLIP)
+VL_METHOD_NAMES = ("clip_pretrain", "zeroshot", "tecoa", "pmg_aft", "fare", "tima_iat", "tima_tai", "tima")
+
+
+class VLShapesCfg(_Strict):
+    """The embedded ImageFolder tree: the synthetic set's 4 shapes x 4 colours as single images."""
+    out_dir: str = "data/vl/shapes"
+    seed: int = 2024
+    size: int = Field(32, ge=16, le=512)
+    train_per_class: int = Field(200, ge=1)
+    test_per_class: int = Field(50, ge=1)
+    distractors: int = Field(1, ge=0, le=8, description="smaller shapes of random colours")
+    noise_std: float = Field(0.04, ge=0, le=1)
+
+
+class VLTask(_Strict):
+    """An image-text task: `images:<id>` (an ImageFolder root of vl.images) or `frames:<dataset id>` (the
+    extracted visual frames of a `datasets` entry, class names from its manifest)."""
+    source: str
+    classes: Optional[list[str]] = None   # class texts to keep, in this order (None: all)
+    words: Optional[int] = Field(None, ge=1, description="frames: keep the first n words of each class name")
+    frames_per_clip: int = Field(2, ge=1, le=64)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str):
+        kind, _, ref = v.partition(":")
+        if kind not in ("images", "frames") or not ref:
+            raise ValueError(f"source must be images:<vl.images id> or frames:<dataset id>, got {v!r}")
+        return v
+
+
+class VLAttackCfg(_Strict):
+    """l-inf PGD in pixel space [0, 1] (training attack; eps 1/255 as TeCoA/TIMA)."""
+    eps: float = Field(1 / 255, ge=0, le=1)
+    steps: int = Field(2, ge=0, le=1000)
+    step_size: Optional[float] = Field(None, gt=0, description="None: 2.5 eps / steps")
+    random_start: bool = True
+
+
+class VLPretrainCfg(_Strict):
+    """The small CLIP the embedded default pre-trains contrastively (ignored when vl.clip_dir is set)."""
+    task: str = "shapes_seen"
+    image_size: int = Field(32, ge=16, le=512)
+    patch_size: int = Field(8, ge=2, le=64)
+    width: int = Field(64, ge=8, le=2048)
+    layers: int = Field(2, ge=1, le=48)
+    heads: int = Field(2, ge=1, le=64)
+    embed_dim: int = Field(64, ge=8, le=2048)
+    word_dropout: float = Field(0.5, ge=0, le=1, description="chance that a caption keeps a random subset of the "
+                                "class name's words (single factors teach compositions)")
+    train: TrainCfg = TrainCfg(epochs=40, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.05, lr_step=30)
+    out_dir: str = "models/vl/clip"
+
+
+class PMGAFTCfg(_Strict):
+    teacher_weight: float = Field(1.0, ge=0, description="KL(frozen model on adv || tuned on adv)")
+    clean_weight: float = Field(1.0, ge=0, description="KL(tuned on clean || tuned on adv)")
+
+
+class TIMACfg(_Strict):
+    iat_epochs: int = Field(2, ge=1, le=10000, description="text-tuning epochs before the image epochs")
+    mhe_weight: float = Field(1.0, ge=0)
+    mhe_alpha: float = Field(2.0, gt=0)
+    iakd_weight: float = Field(1.0, ge=0, description="image-to-text distillation (KL)")
+    margin: float = Field(0.1, ge=0, le=2, description="added to the cosine of semantically close wrong classes")
+    threshold: float = Field(0.5, ge=-1, le=1, description="text cosine above which two classes are close")
+    takd_weight: float = Field(1.0, ge=0, description="distillation to the pre-trained image embeddings")
+
+
+class VLEvalCfg(_Strict):
+    eps: list[float] = [1 / 255, 4 / 255]
+    steps: list[int] = [10]           # paper presets: [10, 100]
+    apgd: bool = True                 # APGD-CE (ART) at every eps
+    apgd_steps: int = Field(20, ge=1, le=10000)
+    batch_size: int = Field(128, ge=1, le=65536)
+    max_samples: Optional[int] = Field(None, ge=1, description="first N test images per task")
+    seed: int = 2024
+    out_dir: str = "results/vl"
+
+
+class VLCfg(_Strict):
+    images: dict[str, str] = {"shapes": "data/vl/shapes"}   # ImageFolder roots
+    shapes: VLShapesCfg = VLShapesCfg()
+    tasks: dict[str, VLTask] = {
+        "shapes_seen": VLTask(source="images:shapes", classes=[
+            "red circle", "blue circle", "green square", "yellow square", "red triangle", "blue triangle",
+            "green cross", "yellow cross"]),
+        "shapes_unseen": VLTask(source="images:shapes", classes=[
+            "green circle", "yellow circle", "red square", "blue square", "green triangle", "yellow triangle",
+            "red cross", "blue cross"]),
+        "synthetic": VLTask(source="frames:synthetic", words=2)}
+    tasks_dir: str = "data/vl/tasks"
+    clip_dir: Optional[str] = None    # a user's CLIP (save_pretrained folder); None: the vl-pretrain stage's
+    prompt: str = "a photo of a {}."
+    logit_scale: Optional[float] = Field(None, gt=0, le=1000, description="fixed temperature (None: CLIP's own)")
+    pretrain: VLPretrainCfg = VLPretrainCfg()
+    tune_task: str = "shapes_seen"
+    zero_shot_tasks: list[str] = ["shapes_unseen", "synthetic"]
+    methods: list[str] = ["zeroshot", "tecoa", "pmg_aft", "fare", "tima_iat", "tima_tai", "tima"]
+    train: TrainCfg = TrainCfg(epochs=4, batch_size=64, optimizer="sgd", lr=2e-3, momentum=0.9, weight_decay=0.0,
+                               lr_step=1000)
+    # A method's own optimiser settings over vl.train (FARE's recipe is AdamW: its l2 embedding loss is ~50x
+    # the scale of a cross-entropy, which plain SGD at the CE methods' rate does not survive).
+    train_overrides: dict[str, dict[str, Any]] = {"fare": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4}}
+    attack: VLAttackCfg = VLAttackCfg()
+    pmg_aft: PMGAFTCfg = PMGAFTCfg()
+    tima: TIMACfg = TIMACfg()
+    evaluate: VLEvalCfg = VLEvalCfg()
+    out_dir: str = "models/vl"
+
+    @model_validator(mode="after")
+    def _refs(self):
+        errors = []
+        for name, task in self.tasks.items():
+            kind, _, ref = task.source.partition(":")
+            if kind == "images" and ref not in self.images:
+                errors.append(f"tasks.{name}.source: no vl.images entry {ref!r} (have {sorted(self.images)})")
+        for key, names in (("tune_task", [self.tune_task]), ("pretrain.task", [self.pretrain.task]),
+                           ("zero_shot_tasks", self.zero_shot_tasks)):
+            errors += [f"{key}: no task {n!r} in vl.tasks (have {sorted(self.tasks)})" for n in names
+                       if n not in self.tasks]
+        errors += [f"methods: unknown {m!r}; allowed values: {list(VL_METHOD_NAMES[1:])}" for m in self.methods
+                   if m not in VL_METHOD_NAMES[1:]]
+        for m in self.train_overrides:
+            if m not in VL_METHOD_NAMES:
+                errors.append(f"train_overrides.{m}: unknown method; allowed values: {list(VL_METHOD_NAMES)}")
+            else:
+                try:
+                    self.train_for(m)
+                except ValidationError as err:
+                    errors.append(f"train_overrides.{m}: {_format_errors(err, 'vl.train').split(chr(10), 1)[1].strip()}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def train_for(self, method: str) -> TrainCfg:
+        """The training settings of one method: vl.pretrain.train for clip_pretrain, else vl.train under the
+        method's train_overrides."""
+        if method == "clip_pretrain":
+            return self.pretrain.train
+        return TrainCfg.model_validate({**self.train.model_dump(), **self.train_overrides.get(method, {})})
+
+
 # ---------------------------------------------------------------- the whole file
 class Params(_Strict):
     generate: GenerateCfg = GenerateCfg()
@@ -408,6 +552,7 @@ class Params(_Strict):
     # Trained with the tune stage's best params (tune.out_dir/best_params.yaml) under their own overrides.
     tuned_models: dict[str, ModelEntry] = {}
     evaluate: EvaluateCfg = EvaluateCfg()
+    vl: VLCfg = VLCfg()
     _dataset: Optional[str] = PrivateAttr(None)  # set by for_dataset
 
     @property

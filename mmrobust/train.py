@@ -101,14 +101,19 @@ class Trainer:
     """Owns model, method, optimiser and data; `run_epoch(e)` trains one epoch, `state_dict()` checkpoints."""
 
     def __init__(self, params: Params, method: str | None = None, device: str | torch.device | None = None,
-                 data: Data | None = None):
-        self.params, self.cfg = params, params.train
+                 data: Data | None = None, cfg=None, build: Callable | None = None):
+        """`cfg` (default params.train) and `build` (data -> (model, method), default checkpoint.build) let
+        another family of models (mmrobust/vl: CLIP) train through this same loop."""
+        self.params, self.cfg = params, cfg or params.train
         self.device = torch.device(device or ("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu"))
         self.rank, self.world_size = world()
         seed_everything(self.cfg.seed)
         self.data = data or build_data(params)
-        self.model, self.method = checkpoint.build(params, method, self.data.num_classes, self.data.modalities,
-                                                   pretrained=True)
+        if build is None:
+            self.model, self.method = checkpoint.build(params, method, self.data.num_classes, self.data.modalities,
+                                                       pretrained=True)
+        else:
+            self.model, self.method = build(self.data)
         self.model.to(self.device)
         if self.world_size > 1:  # identical start on every worker
             for t in self.model.state_dict().values():
@@ -157,6 +162,8 @@ class Trainer:
         if cfg.optimizer == "sgd":
             mom = phase.momentum if phase.momentum is not None else cfg.momentum
             self.opt = torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
+        elif cfg.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
         else:
             self.opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, cfg.lr_step, cfg.lr_gamma) if phase.scheduler else None
@@ -224,7 +231,9 @@ class Trainer:
         for inputs, y in self.batches(split):
             correct += int((self.method.predict(self.model, inputs).argmax(1) == y).sum())
             out = self.model(inputs)
-            for m in self.data.modalities:
+            if not hasattr(out, "scores"):  # a model without per-modality heads (CLIP)
+                uni = {}
+            for m in uni:
                 uni[m] += int((out.scores[m].argmax(1) == y).sum())
             n += len(y)
         self.model.train(was)
