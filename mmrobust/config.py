@@ -444,7 +444,7 @@ class VLPretrainCfg(_Strict):
     word_dropout: float = Field(0.5, ge=0, le=1, description="chance that a caption keeps a random subset of the "
                                 "class name's words (single factors teach compositions)")
     train: TrainCfg = TrainCfg(epochs=40, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.05, lr_step=30)
-    out_dir: str = "models/vl/clip"
+    out_dir: str = "models/vl_clip"
 
 
 class PMGAFTCfg(_Strict):

@@ -39,6 +39,12 @@ def absolute_paths(params: Params, base: Path) -> Params:
     p.train.storage_dir = str((base / p.train.storage_dir).resolve())
     p.tune.out_dir = str((base / p.tune.out_dir).resolve())
     p.train.model.pretrained = {m: str((base / f).resolve()) for m, f in p.train.model.pretrained.items()}
+    p.vl.tasks_dir = str((base / p.vl.tasks_dir).resolve())
+    for cfg in (p.vl.train, p.vl.pretrain.train):
+        cfg.storage_dir = str((base / cfg.storage_dir).resolve())
+    p.vl.pretrain.out_dir = str((base / p.vl.pretrain.out_dir).resolve())
+    if p.vl.clip_dir:
+        p.vl.clip_dir = str((base / p.vl.clip_dir).resolve())
     return p
 
 
@@ -68,7 +74,11 @@ def train_loop_per_worker(config: dict) -> None:
     # importing MLflow and opening its store takes seconds: done beside model building and the first epoch
     mlflow = (ThreadPoolExecutor(1).submit(tracking.client, config["tracking_uri"])
               if rank == 0 and config.get("run_id") else None)
-    trainer = Trainer(params, config["method"])
+    if config.get("family") == "vl":
+        from mmrobust.vl.run import make_trainer
+        trainer = make_trainer(params, config["method"])
+    else:
+        trainer = Trainer(params, config["method"])
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -118,13 +128,13 @@ def run_name(method: str, params: Params) -> str:
 
 
 def torch_trainer(params: Params, name: str, loop_config: dict, storage_dir: str | None = None,
-                  callbacks: list | None = None):
-    """The TorchTrainer of one run: ScalingConfig and failure handling from `params.train` (only params differ
-    between this machine and a GPU cluster)."""
+                  callbacks: list | None = None, cfg=None):
+    """The TorchTrainer of one run: ScalingConfig and failure handling from `cfg` (default `params.train`; only
+    params differ between this machine and a GPU cluster)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = params.train
+    cfg = cfg or params.train
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"params": params.model_dump(mode="json"), **loop_config},
@@ -140,7 +150,7 @@ def torch_trainer(params: Params, name: str, loop_config: dict, storage_dir: str
 
 
 def open_run(params: Params, method: str, out_dir: str | Path, base: Path = Path("."),
-             model_id: str | None = None) -> tuple[str, str, str]:
+             model_id: str | None = None, family: str = "av") -> tuple[str, str, str]:
     """The MLflow run of this training: (tracking uri, experiment id, run id). A run interrupted as a whole is
     resumed under the same run id (its id waits in a file beside the output folder until the run finishes)."""
     params = absolute_paths(params, base)
@@ -151,9 +161,14 @@ def open_run(params: Params, method: str, out_dir: str | Path, base: Path = Path
     if run_file.exists():
         return uri, exp, json.loads(run_file.read_text())["run_id"]
     label, cfg = model_id or method, params.train
-    run = c.create_run(exp, run_name=f"{label}@{params.dataset_name}",
-                       tags={"method": method, "model_id": label, "dataset": params.dataset_name,
-                             "model": f"{cfg.model.encoder}-w{cfg.model.width}", "ray_run": run_name(method, params)})
+    if family == "vl":
+        task = params.vl.pretrain.task if method == "clip_pretrain" else params.vl.tune_task
+        tags = {"family": "vl", "method": method, "model_id": label, "dataset": task,
+                "model": "clip:" + (params.vl.clip_dir or "small")}
+    else:
+        tags = {"family": "av", "method": method, "model_id": label, "dataset": params.dataset_name,
+                "model": f"{cfg.model.encoder}-w{cfg.model.width}"}
+    run = c.create_run(exp, run_name=f"{label}@{tags['dataset']}", tags={**tags, "ray_run": run_name(method, params)})
     tracking.log_params(c, run.info.run_id, tracking.flatten(params.model_dump(mode="json")))
     with atomic_file(run_file) as fh:
         json.dump({"run_id": run.info.run_id}, fh)
@@ -166,37 +181,48 @@ def _run_file(out_dir: Path) -> Path:
 
 def train_method(params: Params, method: str, out_dir: str | Path, base: Path = Path("."),
                  fail_at_epoch: int | None = None, model_id: str | None = None, log=print,
-                 run: Future | None = None) -> dict:
+                 run: Future | None = None, family: str = "av") -> dict:
     """Train one model with Ray Train; `run`: `open_run`'s result when the caller started it already (the
-    stage CLI opens the MLflow run while it connects to Ray)."""
+    stage CLI opens the MLflow run while it connects to Ray). `family` "vl": a CLIP method of mmrobust.vl
+    (vl.train settings), saved as a CLIP folder instead of model.pt."""
     import shutil
 
     from mmrobust import checkpoint
 
-    uri, exp, run_id = run.result() if run is not None else open_run(params, method, out_dir, base, model_id)
+    uri, exp, run_id = (run.result() if run is not None
+                        else open_run(params, method, out_dir, base, model_id, family))
     params = absolute_paths(params, base)
-    cfg = params.train
+    cfg = params.vl.train_for(method) if family == "vl" else params.train
     name = run_name(method, params)
     c = tracking.client(uri)
     out_dir = Path(out_dir)
-    trainer = torch_trainer(params, name, {"method": method, "run_id": run_id, "tracking_uri": uri,
+    trainer = torch_trainer(params, name, {"method": method, "run_id": run_id, "tracking_uri": uri, "family": family,
                                            "fail_at_epoch": fail_at_epoch,
-                                           "fault_marker": str(Path(cfg.storage_dir) / name / ".fault_injected")})
+                                           "fault_marker": str(Path(cfg.storage_dir) / name / ".fault_injected")},
+                            cfg=cfg)
     t0 = time.perf_counter()
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = checkpoint.load(Path(d) / CKPT)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics.update(method=method, wall_seconds=time.perf_counter() - t0, num_workers=cfg.num_workers)
-    checkpoint.save(checkpoint.model_file(state, metrics, mlflow_run_id=run_id), out_dir / checkpoint.MODEL_FILE)
-    write_json(out_dir / "metrics.json", metrics)
+    if family == "vl":
+        from mmrobust.vl.run import make_trainer, save_trained
+
+        model = make_trainer(params, method).model
+        model.load_state_dict(state["model"])
+        save_trained(model, out_dir, metrics)
+        c.log_artifacts(run_id, str(out_dir), "clip")
+    else:
+        checkpoint.save(checkpoint.model_file(state, metrics, mlflow_run_id=run_id), out_dir / checkpoint.MODEL_FILE)
+        write_json(out_dir / "metrics.json", metrics)
+        c.log_artifact(run_id, str(out_dir / "metrics.json"))
+        c.log_artifact(run_id, str(out_dir / "model.pt"), "checkpoint")
     write_json(out_dir / "mlflow_run.json", {"run_id": run_id, "tracking_uri": uri, "experiment": exp})
-    c.log_artifact(run_id, str(out_dir / "metrics.json"))
-    c.log_artifact(run_id, str(out_dir / "model.pt"), "checkpoint")
     c.set_terminated(run_id)
     _run_file(out_dir).unlink(missing_ok=True)
     shutil.rmtree(Path(cfg.storage_dir) / name, ignore_errors=True)  # finished: the next run starts fresh
-    log(f"[{model_id or method}] test acc {metrics.get('test_acc', float('nan')):.3f}; model -> {out_dir / 'model.pt'}; "
+    log(f"[{model_id or method}] test acc {metrics.get('test_acc', float('nan')):.3f}; model -> {out_dir}; "
         f"MLflow run {run_id} at {uri}")
     return metrics
 

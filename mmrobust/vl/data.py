@@ -198,3 +198,20 @@ def load_task(path: str | Path, name: str | None = None) -> Task:
     splits = {s: ImageSplit(np.load(path / f"{s}.npy"), np.load(path / f"{s}_labels.npy"))
               for s in SPLITS if (path / f"{s}.npy").exists()}
     return Task(name or path.name, classes, splits)
+
+
+def ingest_task(params, name: str) -> tuple[Path, dict, list[tuple[str, str]]]:
+    """Store task `name` of `vl.tasks` under vl.tasks_dir: (folder, counts per split, skipped files)."""
+    vl = params.vl
+    task = vl.tasks[name]
+    kind, _, ref = task.source.partition(":")
+    if kind == "images":
+        names, splits, skipped = read_image_folder(vl.images[ref], task.classes, None)
+    else:
+        if ref not in params.datasets:
+            raise ValueError(f"vl.tasks.{name}.source: no dataset {ref!r} in `datasets` (have {sorted(params.datasets)})")
+        ds = params.for_dataset(ref)
+        names, splits, skipped = read_frames(ds.extract.out_dir, Path(ds.data.out_dir) / "classes.csv", task.classes,
+                                             task.words, task.frames_per_clip)
+    out = write_task(Path(vl.tasks_dir) / name, names, splits, skipped, task.source)
+    return out, {k: len(s.labels) for k, s in splits.items()}, skipped

@@ -77,3 +77,89 @@ def evaluate_task(model, task: Task, ev, log=print) -> dict:
     log(f"  {task.name}: clean {out['clean']:.3f} " + " ".join(
         f"{k} {v:.3f}" for k, v in out.items() if k.startswith("worst")) + f" ({time.perf_counter() - start:.0f} s)")
     return out
+
+
+def evaluate_all(params, models_dir: dict[str, str], log=print) -> dict:
+    """{method: {task: evaluate_task(...)}} for every method's CLIP folder on the tuning task and every zero-shot
+    task."""
+    from mmrobust.vl.data import load_task
+    from mmrobust.vl.run import task_dir, zero_shot_model
+
+    vl = params.vl
+    tasks = {n: load_task(task_dir(params, n)) for n in [vl.tune_task, *vl.zero_shot_tasks]}
+    results = {}
+    for i, (method, folder) in enumerate(models_dir.items()):
+        t0 = time.perf_counter()
+        log(f"[vl-evaluate] {method} ({i + 1}/{len(models_dir)})")
+        model = zero_shot_model(params, tasks[vl.tune_task].classes, folder)
+        results[method] = {n: evaluate_task(model, t, vl.evaluate, log) for n, t in tasks.items()}
+        log(f"[vl-evaluate] {method}: {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+def zero_shot_table(results: dict, params) -> str:
+    """TIMA's layout: methods × tasks, clean and worst-case robust accuracy at each eps, the average over the
+    zero-shot tasks; the tuning task is marked (it is not zero-shot)."""
+    vl = params.vl
+    tasks = [vl.tune_task, *vl.zero_shot_tasks]
+    grid = attack_grid(vl.evaluate)
+    blocks = [("clean", "**clean accuracy**")]
+    for e in vl.evaluate.eps:
+        cols = ", ".join(c for c, eps, _ in grid if eps == e)
+        blocks.append((f"worst@{eps_label(e)}", f"**robust accuracy, ε = {eps_label(e)}** (per-sample worst case "
+                                                f"over {cols})"))
+    head = [f"{vl.tune_task} (tuned)", *vl.zero_shot_tasks, "zero-shot avg"]
+    lines = []
+    for key, title in blocks:
+        lines += [title, "", "| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for method, per in results.items():
+            vals = [per[t][key] for t in tasks]
+            zs = [per[t][key] for t in vl.zero_shot_tasks]
+            avg = sum(zs) / len(zs) if zs else float("nan")
+            lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {avg:.3f} |")
+        lines.append("")
+    lines += ["**inter-class distance** (mean pairwise distance of normalised class centres, zero-shot tasks "
+              "averaged)", "", "| method | text | image |", "|---|---|---|"]
+    for method, per in results.items():
+        zs = vl.zero_shot_tasks or [vl.tune_task]
+        t = sum(per[n]["text_distance"] for n in zs) / len(zs)
+        i = sum(per[n]["image_distance"] for n in zs) / len(zs)
+        lines.append(f"| {method} | {t:.3f} | {i:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluation(params, log=print) -> dict:
+    """The stage: every method of vl.methods, the table and results.json (atomically), MLflow logging."""
+    import json
+    import os
+    from pathlib import Path
+
+    from mmrobust import tracking
+    from mmrobust.io import atomic_dir
+
+    vl = params.vl
+    folders = {m: str(Path(vl.out_dir) / m) for m in vl.methods}
+    missing = [f for f in folders.values() if not (Path(f) / "config.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"vl-evaluate: no trained CLIP in {missing}; run `python -m pipelines.train_vl`")
+    t0 = time.perf_counter()
+    results = evaluate_all(params, folders, log)
+    out = Path(vl.evaluate.out_dir)
+    table = zero_shot_table(results, params)
+    with atomic_dir(out) as tmp:
+        (tmp / "zero_shot.md").write_text("# Zero-shot adversarial robustness (vision-language family)\n\n" + table)
+        (tmp / "results.json").write_text(json.dumps(results, indent=2))
+    for method, folder in folders.items():
+        info_file = Path(folder) / "mlflow_run.json"
+        if not info_file.exists():
+            continue
+        info = json.loads(info_file.read_text())
+        uri = tracking.resolve_uri(params.tracking.uri) if "MLFLOW_TRACKING_URI" in os.environ else info["tracking_uri"]
+        c = tracking.client(uri)
+        flat = {f"zs_{task}_{k.replace('@', '_at_').replace('/', '_')}": v for task, r in results[method].items()
+                for k, v in r.items() if isinstance(v, float)}
+        tracking.log_metrics(c, info["run_id"], flat)
+        c.log_artifact(info["run_id"], str(out / "zero_shot.md"), "evaluation")
+    log(table)
+    log(f"[vl-evaluate] {len(folders)} methods in {time.perf_counter() - t0:.0f} s; table -> {out / 'zero_shot.md'}")
+    return results

@@ -86,14 +86,13 @@ def zero_shot_model(params, classes: list[str], path: str | Path | None = None) 
     return ZeroShotCLIP(clip, tokenizer, image, classes, params.vl.prompt, params.vl.logit_scale)
 
 
-def fit_vl(params, method: str, out_dir: str | Path, log=print, device=None) -> dict:
-    """Pre-train (`clip_pretrain`) or tune a CLIP with `method` on its task; writes `out_dir` (a CLIP folder plus
-    metrics.json) atomically and returns the metrics."""
+def make_trainer(params, method: str, device=None) -> Trainer:
+    """The one training loop on a CLIP: `clip_pretrain` starts a fresh small CLIP on vl.pretrain.task, every
+    other method the CLIP of `clip_dir(params)` on vl.tune_task, with the method's training settings."""
     vl = params.vl
     pretraining = method == "clip_pretrain"
     cfg = vl.train_for(method)
     task = load_task(task_dir(params, vl.pretrain.task if pretraining else vl.tune_task))
-    start = time.perf_counter()
 
     def build(data):
         if pretraining:
@@ -106,18 +105,36 @@ def fit_vl(params, method: str, out_dir: str | Path, log=print, device=None) -> 
         return model, m
 
     trainer = Trainer(params, data=task_data(task, cfg.seed), cfg=cfg, build=build, device=device)
-    if trainer.epochs:
-        last = run(trainer, log=log)
-        metrics = {"val_acc": last["best_val_acc"], "best_epoch": last["best_epoch"],
-                   "test_acc": last["test_acc"]}
-    else:
-        trainer.model.eval()
-        metrics = {"val_acc": trainer.evaluate("val")["acc"], "test_acc": trainer.evaluate("test")["acc"]}
-    metrics.update(method=method, task=task.name, seconds=time.perf_counter() - start, epochs=trainer.epochs)
-    model = trainer.model.cpu()
+    trainer.task = task.name
+    return trainer
+
+
+def untrained_metrics(trainer: Trainer) -> dict:
+    """What a method without training epochs (zero-shot CLIP) reports."""
+    trainer.model.eval()
+    return {"val_acc": trainer.evaluate("val")["acc"], "test_acc": trainer.evaluate("test")["acc"]}
+
+
+def save_trained(model: ZeroShotCLIP, out_dir: str | Path, metrics: dict) -> Path:
+    """The tuned CLIP as a `save_pretrained` folder (what `load_clip` and a user's tools read) plus metrics.json,
+    written atomically."""
     with atomic_dir(out_dir) as tmp:
         save_clip(model.clip, model.tokenizer, model.image, tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log(f"[{method}] {task.name}: val acc {metrics['val_acc']:.3f}, test acc {metrics['test_acc']:.3f}; "
+    return Path(out_dir)
+
+
+def fit_vl(params, method: str, out_dir: str | Path, log=print, device=None) -> dict:
+    """Pre-train (`clip_pretrain`) or tune a CLIP with `method` in this process; writes `out_dir`."""
+    start = time.perf_counter()
+    trainer = make_trainer(params, method, device)
+    if trainer.epochs:
+        last = run(trainer, log=log)
+        metrics = {"val_acc": last["best_val_acc"], "best_epoch": last["best_epoch"], "test_acc": last["test_acc"]}
+    else:
+        metrics = untrained_metrics(trainer)
+    metrics.update(method=method, task=trainer.task, seconds=time.perf_counter() - start, epochs=trainer.epochs)
+    save_trained(trainer.model.cpu(), out_dir, metrics)
+    log(f"[{method}] {trainer.task}: val acc {metrics['val_acc']:.3f}, test acc {metrics['test_acc']:.3f}; "
         f"saved {out_dir}")
     return metrics

@@ -1,0 +1,72 @@
+"""Ray Train entrypoint of the vision-language family: pre-train the small CLIP or tune a CLIP with one method
+(mmrobust/vl), through the same TorchTrainer, checkpoints, resume and MLflow run as pipelines.train.
+
+    python -m pipelines.train_vl --method clip_pretrain   # the embedded default's CLIP -> vl.pretrain.out_dir
+    python -m pipelines.train_vl --method tima            # -> <vl.out_dir>/tima, a save_pretrained CLIP folder
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.train_vl --method tecoa
+
+A method without training epochs (zeroshot) is evaluated and saved in this process.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mmrobust import cli, tracking
+from mmrobust.config import VL_METHOD_NAMES, ConfigError
+from mmrobust.io import write_json
+from mmrobust.ray_utils import ray_session
+from pipelines.train import _run_file, open_run, train_method
+
+
+def out_dir(params, method: str) -> Path:
+    return Path(params.vl.pretrain.out_dir if method == "clip_pretrain" else Path(params.vl.out_dir) / method)
+
+
+def train_untrained(params, method: str, out: Path, run) -> dict:
+    """zeroshot: the starting CLIP itself, its accuracies logged to the method's MLflow run."""
+    from mmrobust.vl.run import make_trainer, save_trained, untrained_metrics
+
+    t0 = time.perf_counter()
+    trainer = make_trainer(params, method)
+    metrics = {**untrained_metrics(trainer), "method": method, "wall_seconds": time.perf_counter() - t0}
+    save_trained(trainer.model, out, metrics)
+    uri, exp, run_id = run.result()
+    c = tracking.client(uri)
+    tracking.log_metrics(c, run_id, {k: v for k, v in metrics.items() if isinstance(v, float)})
+    c.log_artifacts(run_id, str(out), "clip")
+    write_json(out / "mlflow_run.json", {"run_id": run_id, "tracking_uri": uri, "experiment": exp})
+    c.set_terminated(run_id)
+    _run_file(out).unlink(missing_ok=True)
+    print(f"[{method}] test acc {metrics['test_acc']:.3f}; model -> {out}; MLflow run {run_id} at {uri}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = cli.parser(__doc__, dataset=False, prog="python -m pipelines.train_vl")
+    ap.add_argument("--method", required=True, choices=VL_METHOD_NAMES)
+    ap.add_argument("--out", help="output folder (default: vl.pretrain.out_dir or <vl.out_dir>/<method>)")
+    args = ap.parse_args(argv)
+    try:
+        params = cli.load(args)
+    except ConfigError as err:
+        return cli.fail("train_vl", err)
+    out = Path(args.out or out_dir(params, args.method))
+    run = ThreadPoolExecutor(1).submit(open_run, params, args.method, out, Path.cwd(), args.method, "vl")
+    from mmrobust.vl.methods import VL_METHODS
+
+    if not VL_METHODS[args.method](params.vl.train_for(args.method), params.vl).phases():
+        train_untrained(params, args.method, out, run)
+        return 0
+    with ray_session():
+        train_method(params, args.method, out, Path.cwd(), model_id=args.method, run=run, family="vl")
+    return 0
+
+
+if __name__ == "__main__":
+    from pipelines.warm_driver import forward
+
+    status = forward("pipelines.train_vl", sys.argv[1:])
+    sys.exit(main() if status is None else status)
