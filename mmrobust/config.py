@@ -403,8 +403,10 @@ class VLShapesCfg(_Strict):
     size: int = Field(32, ge=16, le=512)
     train_per_class: int = Field(200, ge=1)
     test_per_class: int = Field(50, ge=1)
-    distractors: int = Field(1, ge=0, le=8, description="smaller shapes of random colours")
-    noise_std: float = Field(0.04, ge=0, le=1)
+    distractors: int = Field(1, ge=0, le=8, description="at most this many smaller shapes of random colours")
+    noise_std: float = Field(0.06, ge=0, le=1, description="per-image noise std drawn uniformly up to this")
+    min_radius: float = Field(0.16, gt=0, le=0.5, description="object radius / image size, smallest")
+    max_radius: float = Field(0.24, gt=0, le=0.5)
 
 
 class VLTask(_Strict):

@@ -46,7 +46,8 @@ def seen_shape_classes() -> list[str]:
 
 def render_shapes(cfg, out_dir: str | Path) -> dict:
     """Write the embedded ImageFolder tree: per class and split, images of one coloured shape at a random place
-    and size over the synthetic set's clutter, `cfg.distractors` smaller shapes of other colours, pixel noise."""
+    and size over the synthetic set's clutter, up to `cfg.distractors` smaller shapes of random colours, pixel
+    noise of a random std up to `cfg.noise_std` (sizes and noise span the synthetic set's video frames)."""
     import cv2
 
     from mmrobust.data.synthetic import COLOURS, COLOUR_NAMES, SHAPES, _background, _shape_mask
@@ -60,16 +61,16 @@ def render_shapes(cfg, out_dir: str | Path) -> dict:
                 folder.mkdir(parents=True)
                 for j in range(n):
                     img = _background(cfg.size, rng)
-                    r = cfg.size * rng.uniform(0.16, 0.24)
-                    for _ in range(cfg.distractors):
-                        rd = r * rng.uniform(0.4, 0.6)
+                    r = cfg.size * rng.uniform(cfg.min_radius, cfg.max_radius)
+                    for _ in range(int(rng.integers(cfg.distractors + 1))):
+                        rd = r * rng.uniform(0.4, 0.7)
                         rgb = np.array(COLOURS[COLOUR_NAMES[rng.integers(4)]], np.float32)
                         a = _shape_mask(SHAPES[rng.integers(4)], cfg.size, *rng.uniform(rd, cfg.size - rd, 2), rd)
                         img = img * (1 - a[..., None]) + rgb * a[..., None]
                     rgb = np.clip(np.array(COLOURS[colour], np.float32) * rng.uniform(0.85, 1.1), 0, 1)
                     a = _shape_mask(shape, cfg.size, *rng.uniform(r + 1, cfg.size - r - 1, 2), r)
                     img = img * (1 - a[..., None]) + rgb * a[..., None]
-                    img = img + rng.standard_normal(img.shape).astype(np.float32) * cfg.noise_std
+                    img = img + rng.standard_normal(img.shape).astype(np.float32) * rng.uniform(0, cfg.noise_std)
                     code = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
                     cv2.imwrite(str(folder / f"{j:04d}.png"), code[..., ::-1])
                 counts[f"{split}/{colour}_{shape}"] = n
