@@ -464,6 +464,31 @@ class TIMACfg(_Strict):
     takd_weight: float = Field(1.0, ge=0, description="distillation to the pre-trained image embeddings")
 
 
+class VLTuneCfg(_Strict):
+    """ASHA search over a VL method's params (keys are paths under `vl`), each trial a TorchTrainer run scored
+    by l-inf PGD accuracy on the validation split of the tuning task (vl-tune stage)."""
+    method: str = "tima"
+    space: dict[str, SearchDim] = {
+        "tima.margin": SearchDim(dist="uniform", low=0.0, high=0.3),
+        "tima.threshold": SearchDim(dist="uniform", low=0.2, high=0.8),
+        "tima.mhe_weight": SearchDim(dist="loguniform", low=0.1, high=3.0),
+        "logit_scale": SearchDim(dist="loguniform", low=10.0, high=100.0)}
+    num_samples: int = Field(2, ge=1, le=100000, description="trials (CPU default 2; paper presets more)")
+    max_concurrent: int = Field(2, ge=1, le=10000)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    seed: int = 2024
+    eps: float = Field(1 / 255, gt=0, le=1, description="l-inf PGD radius of the objective (pixel space)")
+    pgd_steps: int = Field(10, ge=1, le=1000)
+    trial_cpus: float = Field(0.25, ge=0)
+    worker_cpus: Optional[float] = Field(0.5, gt=0)
+    out_dir: str = "tune/vl"
+
+    @property
+    def best_params_file(self) -> Path:
+        return Path(self.out_dir) / "best_params.yaml"
+
+
 class VLEvalCfg(_Strict):
     eps: list[float] = [1 / 255, 4 / 255]
     steps: list[int] = [10]           # paper presets: [10, 100]
@@ -503,6 +528,9 @@ class VLCfg(_Strict):
     pmg_aft: PMGAFTCfg = PMGAFTCfg()
     tima: TIMACfg = TIMACfg()
     evaluate: VLEvalCfg = VLEvalCfg()
+    tune: VLTuneCfg = VLTuneCfg()
+    # trained again with vl-tune's best params as <method>_tuned (empty: no search runs); only vl.tune.method
+    tuned_methods: list[str] = ["tima"]
     out_dir: str = "models/vl"
 
     @model_validator(mode="after")
@@ -518,6 +546,16 @@ class VLCfg(_Strict):
                        if n not in self.tasks]
         errors += [f"methods: unknown {m!r}; allowed values: {list(VL_METHOD_NAMES[1:])}" for m in self.methods
                    if m not in VL_METHOD_NAMES[1:]]
+        if self.tune.method not in VL_METHOD_NAMES[2:]:
+            errors.append(f"tune.method: {self.tune.method!r} is not a tuned method; allowed values: "
+                          f"{list(VL_METHOD_NAMES[2:])}")
+        errors += [f"tuned_methods: {m!r} is not vl.tune.method ({self.tune.method!r}), the method the search tunes"
+                   for m in self.tuned_methods if m != self.tune.method]
+        for key in self.tune.space:
+            group, _, field = key.rpartition(".")
+            model = getattr(self, group, None) if group else self
+            if not isinstance(model, BaseModel) or field not in type(model).model_fields or group in ("tune", "evaluate"):
+                errors.append(f"tune.space.{key}: not a key under vl (write e.g. tima.margin or logit_scale)")
         for m in self.train_overrides:
             if m not in VL_METHOD_NAMES:
                 errors.append(f"train_overrides.{m}: unknown method; allowed values: {list(VL_METHOD_NAMES)}")
@@ -529,6 +567,19 @@ class VLCfg(_Strict):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    @property
+    def evaluated(self) -> list[str]:
+        """Model folders under vl.out_dir that vl-evaluate reads: every method, then the tuned ones."""
+        return [*self.methods, *(f"{m}_tuned" for m in self.tuned_methods)]
+
+    def with_best(self, path: str | Path | None = None) -> dict:
+        """vl.tune's best params (a `vl` overrides mapping), read from its best_params.yaml."""
+        path = Path(path or self.tune.best_params_file)
+        if not path.exists():
+            raise ConfigError(f"vl.tuned_methods: {path} not found; run the vl-tune stage first "
+                              f"(python -m pipelines.tune --family vl)")
+        return yaml.safe_load(path.read_text()) or {}
 
     def train_for(self, method: str) -> TrainCfg:
         """The training settings of one method: vl.pretrain.train for clip_pretrain, else vl.train under the

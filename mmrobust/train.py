@@ -242,16 +242,14 @@ class Trainer:
         return res
 
     def robust_accuracy(self, split: str, eps: float, steps: int, step_ratio: float) -> float:
-        """Accuracy of the method's own prediction under joint l2-PGD (the tuning objective, on `val`)."""
-        from mmrobust.attacks.evaluate import accuracy_under_attack
+        """Accuracy of the method's own prediction under its family's PGD (the tuning objective, on `val`)."""
         from mmrobust.methods import Predictor
 
         if split == "val" and not len(self.data.val):
             split = "train_eval"
         was = self.model.training
         predictor = Predictor(self.model, self.method).eval()
-        correct, n = accuracy_under_attack(predictor, self.batches(split), "pgd",
-                                           dict(eps=eps, steps=steps, step_size=eps * step_ratio))
+        correct, n = self.method.objective_accuracy(predictor, self.batches(split), eps, steps, step_ratio)
         self.model.train(was)
         return correct / max(n, 1)
 

@@ -3,6 +3,7 @@
 
     python -m pipelines.train_vl --method clip_pretrain   # the embedded default's CLIP -> vl.pretrain.out_dir
     python -m pipelines.train_vl --method tima            # -> <vl.out_dir>/tima, a save_pretrained CLIP folder
+    python -m pipelines.train_vl --method tima --tuned    # with vl-tune's best params -> <vl.out_dir>/tima_tuned
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.train_vl --method tecoa
 
 A method without training epochs (zeroshot) is evaluated and saved in this process.
@@ -21,8 +22,21 @@ from mmrobust.ray_utils import ray_session
 from pipelines.train import _run_file, open_run, train_method
 
 
-def out_dir(params, method: str) -> Path:
-    return Path(params.vl.pretrain.out_dir if method == "clip_pretrain" else Path(params.vl.out_dir) / method)
+def out_dir(params, method: str, tuned: bool = False) -> Path:
+    if method == "clip_pretrain":
+        return Path(params.vl.pretrain.out_dir)
+    return Path(params.vl.out_dir) / (f"{method}_tuned" if tuned else method)
+
+
+def tuned_params(params, method: str):
+    """The params of `<method>_tuned`: the `vl` group under vl-tune's best params."""
+    from mmrobust.config import deep_merge, parse_params
+
+    if method not in params.vl.tuned_methods:
+        raise ConfigError(f"--tuned: {method!r} is not in vl.tuned_methods {params.vl.tuned_methods}")
+    raw = params.model_dump(mode="json")
+    raw["vl"] = deep_merge(raw["vl"], params.vl.with_best())
+    return parse_params(raw, f"{params.vl.tune.best_params_file} over params")
 
 
 def train_untrained(params, method: str, out: Path, run) -> dict:
@@ -47,21 +61,25 @@ def train_untrained(params, method: str, out: Path, run) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, dataset=False, prog="python -m pipelines.train_vl")
     ap.add_argument("--method", required=True, choices=VL_METHOD_NAMES)
-    ap.add_argument("--out", help="output folder (default: vl.pretrain.out_dir or <vl.out_dir>/<method>)")
+    ap.add_argument("--tuned", action="store_true", help="train with vl-tune's best params as <method>_tuned")
+    ap.add_argument("--out", help="output folder (default: vl.pretrain.out_dir or <vl.out_dir>/<method>[_tuned])")
     args = ap.parse_args(argv)
     try:
         params = cli.load(args)
+        if args.tuned:
+            params = tuned_params(params, args.method)
     except ConfigError as err:
         return cli.fail("train_vl", err)
-    out = Path(args.out or out_dir(params, args.method))
-    run = ThreadPoolExecutor(1).submit(open_run, params, args.method, out, Path.cwd(), args.method, "vl")
+    out = Path(args.out or out_dir(params, args.method, args.tuned))
+    label = f"{args.method}_tuned" if args.tuned else args.method
+    run = ThreadPoolExecutor(1).submit(open_run, params, args.method, out, Path.cwd(), label, "vl")
     from mmrobust.vl.methods import VL_METHODS
 
     if not VL_METHODS[args.method](params.vl.train_for(args.method), params.vl).phases():
         train_untrained(params, args.method, out, run)
         return 0
     with ray_session():
-        train_method(params, args.method, out, Path.cwd(), model_id=args.method, run=run, family="vl")
+        train_method(params, args.method, out, Path.cwd(), model_id=label, run=run, family="vl")
     return 0
 
 

@@ -1,7 +1,10 @@
 """Ray Tune entrypoint: ASHA search over a method's params (default: CRMT's rho, iterations and step-2
-settings), each trial a Ray Train `TorchTrainer` run scored by joint l2-PGD accuracy on the validation split.
+settings), each trial a Ray Train `TorchTrainer` run scored by joint l2-PGD accuracy on the validation split;
+`--family vl`: over a vision-language method's params (`vl.tune`, default TIMA's margin, threshold, MHE weight
+and temperature), scored by l∞ PGD accuracy on the validation split of the tuning task.
 
     python -m pipelines.tune [--dataset synthetic] [--params params.yaml]
+    python -m pipelines.tune --family vl
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.tune --params /shared/params.yaml
 
 Writes `<tune.out_dir>/<dataset>/best_params.yaml` (the best trial's values as params overrides, read by every
@@ -20,21 +23,12 @@ from pathlib import Path
 import yaml
 
 from mmrobust import cli, tracking
-from mmrobust.config import ConfigError, Params, SearchDim, deep_merge, parse_params
+from mmrobust.config import ConfigError, Params, SearchDim, deep_merge, load_params, parse_params
 from mmrobust.io import atomic_file, write_csv, write_json
 from mmrobust.ray_utils import ray_session
 from pipelines.train import absolute_paths, torch_trainer
 
 METRIC = "val_pgd_acc"
-
-
-def nest(flat: dict) -> dict:
-    """{"crmt.rho": 2.0} -> {"crmt": {"rho": 2.0}} (the shape of params overrides)."""
-    out: dict = {}
-    for key, value in flat.items():
-        group, _, field = key.partition(".")
-        out.setdefault(group, {})[field] = value
-    return out
 
 
 def search_space(space: dict[str, SearchDim]) -> dict:
@@ -50,49 +44,89 @@ def search_space(space: dict[str, SearchDim]) -> dict:
     return {key: dim(d) for key, d in space.items()}
 
 
-def trial_params(base: Params, sample: dict) -> Params:
-    """The params one trial trains with: tune.base's overrides, the sampled values, the trial's worker CPUs."""
+def search_cfg(params: Params, family: str):
+    """The search settings: `tune` (audio-visual) or `vl.tune`."""
+    return params.vl.tune if family == "vl" else params.tune
+
+
+def base_method(params: Params, family: str) -> str:
+    return params.vl.tune.method if family == "vl" else params.tune.base.method
+
+
+def trial_params(base: Params, sample: dict, family: str = "av") -> Params:
+    """The params one trial trains with: tune.base's overrides (vl: the `vl` group), the sampled values, the
+    trial's worker CPUs."""
+    cfg = search_cfg(base, family)
+    if family == "vl":
+        over = nest(sample)
+        raw = base.model_dump(mode="json")
+        raw["vl"] = deep_merge(raw["vl"], over)
+        if cfg.worker_cpus is not None:
+            raw["vl"]["train"]["cpus_per_worker"] = cfg.worker_cpus
+        params = parse_params(raw, "vl.tune trial")
+        params._dataset = base.dataset_id
+        return params
     over = nest(sample)
-    if base.tune.worker_cpus is not None:
-        over = deep_merge(over, {"train": {"cpus_per_worker": base.tune.worker_cpus}})
+    if cfg.worker_cpus is not None:
+        over = deep_merge(over, {"train": {"cpus_per_worker": cfg.worker_cpus}})
     return base.for_entry(base.tune.base, "tune.base", over=over)
 
 
-def run_trial(sample: dict, base: dict, tracking_uri: str, parent_run: str, experiment: str) -> None:
+def nest(flat: dict) -> dict:
+    """{"crmt.rho": 2.0} -> {"crmt": {"rho": 2.0}}, {"tima.margin": 0.1, "logit_scale": 50} -> {"tima": {"margin":
+    0.1}, "logit_scale": 50} (the shape of params overrides)."""
+    out: dict = {}
+    for key, value in flat.items():
+        *groups, field = key.split(".")
+        node = out
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[field] = value
+    return out
+
+
+def run_trial(sample: dict, base: dict, tracking_uri: str, parent_run: str, experiment: str,
+              family: str = "av") -> None:
     """One Tune trial: a child MLflow run, then a TorchTrainer whose per-epoch reports reach Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    params = trial_params(parse_params(base, "tune base"), sample)
+    params = trial_params(parse_params(base, "tune base"), sample, family)
+    method = base_method(params, family)
     trial_id = ray.tune.get_context().get_trial_id()
     c = tracking.client(tracking_uri)
     run = c.create_run(experiment, run_name=f"trial-{trial_id}",
-                       tags={"mlflow.parentRunId": parent_run, "tune_trial": trial_id, "method": params.train.method})
+                       tags={"mlflow.parentRunId": parent_run, "tune_trial": trial_id, "method": method,
+                             "family": family})
     tracking.log_params(c, run.info.run_id, {**tracking.flatten(params.model_dump(mode="json")),
                                              **{f"tune.sample.{k}": str(v) for k, v in sample.items()}})
-    cfg = params.tune
+    cfg = search_cfg(params, family)
+    objective = ({"eps": cfg.eps, "steps": cfg.pgd_steps, "step_ratio": None} if family == "vl" else
+                 {"eps": cfg.eps, "steps": cfg.pgd_steps, "step_ratio": cfg.pgd_step_ratio})
     trainer = torch_trainer(
         params, f"trial-{trial_id}",
-        {"method": params.train.method, "run_id": run.info.run_id, "tracking_uri": tracking_uri,
-         "objective": {"eps": cfg.eps, "steps": cfg.pgd_steps, "step_ratio": cfg.pgd_step_ratio}},
-        storage_dir=str(Path(ray.tune.get_context().get_trial_dir()) / "train"), callbacks=[TuneReportCallback()])
+        {"method": method, "run_id": run.info.run_id, "tracking_uri": tracking_uri, "family": family,
+         "objective": objective},
+        storage_dir=str(Path(ray.tune.get_context().get_trial_dir()) / "train"), callbacks=[TuneReportCallback()],
+        cfg=params.vl.train_for(method) if family == "vl" else None)
     trainer.fit()
     c.set_terminated(run.info.run_id)
 
 
-def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
+def tune_method(params: Params, base: Path = Path("."), log=print, family: str = "av") -> dict:
     """Run the search; write best_params.yaml, trials.csv, summary.json; return the summary."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     params = absolute_paths(params, base)
-    cfg = params.tune
-    out = Path(cfg.out_dir)
-    if not params.tuned_models:
+    cfg = search_cfg(params, family)
+    method = base_method(params, family)
+    out = Path(base / cfg.out_dir) if family == "vl" else Path(cfg.out_dir)
+    if not (params.vl.tuned_methods if family == "vl" else params.tuned_models):
         return skip_search(out, log)
     digest = hashlib.sha1(params.model_dump_json().encode()).hexdigest()[:10]
-    name = f"tune-{cfg.base.method}-{digest}"
+    name = f"tune-{method}-{digest}"
     storage = Path(params.train.storage_dir)
     shutil.rmtree(storage / name, ignore_errors=True)  # an interrupted search starts over (trials are short)
     uri = tracking.resolve_uri(params.tracking.uri, base)
@@ -100,17 +134,17 @@ def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
     t0 = time.perf_counter()
     with tracking.concurrent_writers(uri, base / "mlartifacts") as server_uri:
         c = tracking.client(server_uri)
-        dataset = params.dataset_name
-        parent = c.create_run(experiment, run_name=f"tune-{cfg.base.method}@{dataset}",
-                              tags={"method": cfg.base.method, "dataset": dataset, "tune": "asha"})
+        dataset = params.vl.tune_task if family == "vl" else params.dataset_name
+        parent = c.create_run(experiment, run_name=f"tune-{method}@{dataset}",
+                              tags={"method": method, "dataset": dataset, "tune": "asha", "family": family})
         parent_id = parent.info.run_id
         tracking.log_params(c, parent_id, {
             **{f"tune.{k}": str(v) for k, v in cfg.model_dump(mode="json").items() if k not in ("space", "base")},
             **{f"tune.space.{k}": d.model_dump_json(exclude_none=True) for k, d in cfg.space.items()},
-            "tune.base.method": cfg.base.method})
+            "tune.base.method": method})
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=params.model_dump(mode="json"), tracking_uri=server_uri,
-                                 parent_run=parent_id, experiment=experiment),
+                                 parent_run=parent_id, experiment=experiment, family=family),
             {"CPU": cfg.trial_cpus})
         tuner = tune.Tuner(
             trainable,
@@ -123,8 +157,9 @@ def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
                                         reduction_factor=cfg.reduction_factor)),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
         )
-        log(f"[tune] {cfg.num_samples} trials of {cfg.base.method} (ASHA, {cfg.max_concurrent} at a time), "
-            f"objective {METRIC} (l2-PGD eps {cfg.eps} on the validation split); MLflow parent run {parent_id}")
+        log(f"[tune] {cfg.num_samples} trials of {method} (ASHA, {cfg.max_concurrent} at a time), objective {METRIC} "
+            f"({'l-inf' if family == 'vl' else 'l2'}-PGD eps {cfg.eps:.4g} on the validation split); MLflow parent "
+            f"run {parent_id}")
         grid = tuner.fit()
         rows = trial_rows(grid, c, parent_id, list(cfg.space))
         ok = [r for r in rows if r[METRIC] is not None]
@@ -141,7 +176,7 @@ def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
                    "tracking_uri": uri, "wall_seconds": round(time.perf_counter() - t0, 1)}
         out.mkdir(parents=True, exist_ok=True)
         with atomic_file(out / "best_params.yaml") as fh:
-            fh.write(f"# best of {len(rows)} ASHA trials of {cfg.base.method} by {METRIC} "
+            fh.write(f"# best of {len(rows)} ASHA trials of {method} by {METRIC} "
                      f"(trial {best['trial_id']}); written by pipelines/tune.py\n")
             yaml.safe_dump(nest(best_values), fh, sort_keys=True)
         write_csv(out / "trials.csv", rows, ["trial_id", "status", "epochs", "epochs_total", METRIC, "val_acc",
@@ -161,7 +196,8 @@ def tune_method(params: Params, base: Path = Path("."), log=print) -> dict:
 
 
 def skip_search(out: Path, log=print) -> dict:
-    """No `tuned_models` consume a search: write empty outputs (the DVC outs exist) without starting trials."""
+    """No `tuned_models` (vl.tuned_methods) consume a search: write empty outputs (the DVC outs exist) without
+    starting trials."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "best_params.yaml") as fh:
         fh.write("# no tuned_models are configured: the search was skipped (pipelines/tune.py)\n{}\n")
@@ -196,13 +232,15 @@ def trial_rows(grid, c, parent_id: str, keys: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parser(__doc__).parse_args(argv)
+    ap = cli.parser(__doc__)
+    ap.add_argument("--family", choices=("av", "vl"), default="av", help="vl: the vision-language family (vl.tune)")
+    args = ap.parse_args(argv)
     try:
-        params = cli.load(args)
+        params = load_params(args.params) if args.family == "vl" else cli.load(args)
     except ConfigError as err:
         return cli.fail("tune", err)
     with ray_session():
-        tune_method(params, Path.cwd())
+        tune_method(params, Path.cwd(), family=args.family)
     return 0
 
 

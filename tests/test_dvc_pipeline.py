@@ -37,9 +37,11 @@ TINY = {
            "pretrain": {"image_size": 16, "width": 16, "layers": 1, "embed_dim": 16,
                         "train": {"epochs": 2, "batch_size": 16}},
            "methods": ["zeroshot", "tima"], "train": {"epochs": 1, "batch_size": 16}, "tima": {"iat_epochs": 1},
+           "tune": {"num_samples": 1, "max_concurrent": 1, "pgd_steps": 2},
            "evaluate": {"eps": [0.00392156862745098], "steps": [2], "apgd_steps": 2, "max_samples": 12}},
 }
-VL_STAGES = {"vl-generate", "vl-ingest", "vl-pretrain", "vl-train@zeroshot", "vl-train@tima", "vl-evaluate"}
+VL_STAGES = {"vl-generate", "vl-ingest", "vl-pretrain", "vl-train@zeroshot", "vl-train@tima", "vl-tune",
+             "vl-train-tuned@tima", "vl-evaluate"}
 # one model per params group: CRMT's and the tuned JT's (the search and the tuned model depend on `train`)
 MODELS = {"crmt_jt": {"method": "crmt_jt", "group": "crmt"}}
 TUNED = {"jt_tuned": {"method": "jt", "group": "train"}}
@@ -122,7 +124,7 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
     # every training stage ran in local_cluster's warm driver (one process), the search in its own
     drivers = {line.split("warm driver pid ")[1].split(":")[0] for line in first.stdout.splitlines()
                if "(warm driver pid " in line}
-    assert len(drivers) == 1 and first.stdout.count("(warm driver pid ") == 5, first.stdout
+    assert len(drivers) == 1 and first.stdout.count("(warm driver pid ") == 6, first.stdout
     visual = np.load(repo / f"data/features/{SYN}/visual/data.npy", mmap_mode="r")
     audio = np.load(repo / f"data/features/{SYN}/audio/data.npy", mmap_mode="r")
     clips = read_csv(repo / f"data/manifest/{SYN}/clips.csv")
@@ -154,21 +156,26 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
                and r.data.tags.get("family") != "vl"]
     assert {r.info.run_name for r in trained} == {f"{m}@{SYN}" for m in [*MODELS, *TUNED]}
     assert all("eval_clean" in r.data.metrics and r.data.tags["dataset"] == SYN for r in trained)
-    assert sum("tune_trial" in r.data.tags for r in runs) == 1  # the search's child run
+    assert sum("tune_trial" in r.data.tags for r in runs) == 2  # each search's child run (AV and VL)
     # the vision-language family: CLIP folders that load back, the zero-shot table, its numbers in MLflow
     from mmrobust.vl.clip import load_clip
     clip, tok, image = load_clip(repo / "models/vl/tima")
     ids = tok("a photo of a blue square.")["input_ids"]
     assert image.size == 16 and len(ids) == 9 and tok.unk_token_id not in ids
     results = json.loads((repo / "results/vl/results.json").read_text())
-    assert set(results) == {"zeroshot", "tima"}
+    assert set(results) == {"zeroshot", "tima", "tima_tuned"}
     for per_task in results.values():
         assert set(per_task) == {"shapes_seen", "shapes_unseen", "synthetic"}
         assert all(0 <= r["worst@1/255"] <= r["pgd2@1/255"] <= r["clean"] <= 1 for r in per_task.values())
     table = (repo / "results/vl/zero_shot.md").read_text()
     assert "| tima |" in table and "zero-shot avg" in table
-    vl_runs = {r.info.run_name: r for r in runs if r.data.tags.get("family") == "vl"}
-    assert set(vl_runs) == {"clip_pretrain@shapes_seen", "zeroshot@shapes_seen", "tima@shapes_seen"}
+    vl_runs = {r.info.run_name: r for r in runs if r.data.tags.get("family") == "vl"
+               and "tune" not in r.data.tags and "tune_trial" not in r.data.tags}
+    assert set(vl_runs) == {"clip_pretrain@shapes_seen", "zeroshot@shapes_seen", "tima@shapes_seen",
+                            "tima_tuned@shapes_seen"}
+    best = yaml.safe_load((repo / "tune/vl/best_params.yaml").read_text())
+    tuned_run = vl_runs["tima_tuned@shapes_seen"].data.params
+    assert float(tuned_run["vl.tima.margin"]) == pytest.approx(best["tima"]["margin"])
     assert vl_runs["tima@shapes_seen"].data.metrics["zs_shapes_unseen_clean"] == results["tima"]["shapes_unseen"]["clean"]
 
     shared = request.getfixturevalue("cluster")

@@ -236,3 +236,41 @@ def test_vl_params_name_bad_references():
         parse_params({"vl": {"train_overrides": {"fare": {"optimizer": "lion"}}}})
     vl = parse_params({}).vl
     assert vl.train_for("fare").optimizer == "adamw" and vl.train_for("tecoa").optimizer == vl.train.optimizer
+
+
+def test_vl_search_params_and_tuned_model_params(tmp_path):
+    from pipelines.train_vl import tuned_params
+    from pipelines.tune import nest, trial_params
+
+    assert nest({"tima.margin": 0.2, "logit_scale": 50.0}) == {"tima": {"margin": 0.2}, "logit_scale": 50.0}
+    base = parse_params({"vl": {"tune": {"out_dir": str(tmp_path)}}})
+    trial = trial_params(base, {"tima.margin": 0.2, "logit_scale": 50.0}, family="vl")
+    assert trial.vl.tima.margin == 0.2 and trial.vl.logit_scale == 50.0
+    assert trial.vl.train.cpus_per_worker == base.vl.tune.worker_cpus and base.vl.tima.margin == 0.1
+    with pytest.raises(ConfigError, match="run the vl-tune stage first"):
+        tuned_params(base, "tima")
+    (tmp_path / "best_params.yaml").write_text("tima: {margin: 0.25, threshold: 0.3}\nlogit_scale: 20.0\n")
+    tuned = tuned_params(base, "tima")
+    assert (tuned.vl.tima.margin, tuned.vl.tima.threshold, tuned.vl.logit_scale) == (0.25, 0.3, 20.0)
+    assert tuned.vl.tima.mhe_weight == base.vl.tima.mhe_weight
+    with pytest.raises(ConfigError, match="not in vl.tuned_methods"):
+        tuned_params(base, "tecoa")
+    with pytest.raises(ConfigError, match="tune.space.tima.margn: not a key under vl"):
+        parse_params({"vl": {"tune": {"space": {"tima.margn": {"dist": "uniform", "low": 0, "high": 1}}}}})
+    with pytest.raises(ConfigError, match="tuned_methods: 'tecoa' is not vl.tune.method"):
+        parse_params({"vl": {"tuned_methods": ["tecoa"]}})
+
+
+def test_vl_objective_is_linf_pgd_on_the_methods_prediction():
+    from mmrobust.methods import Predictor
+
+    vl = vl_params()
+    model = tiny_model().eval()
+    method = build_vl_method("tecoa", vl.train_for("tecoa"), vl)
+    x, y = colour_images()
+    predictor = Predictor(model, method).eval()
+    clean, n = method.objective_accuracy(predictor, [({"visual": x}, y)], 1e-9, 1, None)
+    with torch.no_grad():
+        assert clean == int((model(x).argmax(1) == y).sum()) and n == len(y)
+    robust, _ = method.objective_accuracy(predictor, [({"visual": x}, y)], 16 / 255, 5, None)
+    assert robust <= clean

@@ -103,6 +103,13 @@ class Method:
         return self.predict(model, inputs)
 
 
+    def objective_accuracy(self, predictor, batches, eps: float, steps: int, step_ratio: float) -> tuple[int, int]:
+        """(correct, n) under the tuning objective's attack: joint l2-PGD with steps of eps * step_ratio."""
+        from mmrobust.attacks.evaluate import accuracy_under_attack
+
+        return accuracy_under_attack(predictor, batches, "pgd", dict(eps=eps, steps=steps, step_size=eps * step_ratio))
+
+
 class Predictor(nn.Module):
     """The method's own test-time prediction as a model the attacks can differentiate through."""
 

@@ -138,7 +138,7 @@ def run_evaluation(params, log=print) -> dict:
     from mmrobust.io import atomic_dir
 
     vl = params.vl
-    folders = {m: str(Path(vl.out_dir) / m) for m in vl.methods}
+    folders = {m: str(Path(vl.out_dir) / m) for m in vl.evaluated}
     missing = [f for f in folders.values() if not (Path(f) / "config.json").exists()]
     if missing:
         raise FileNotFoundError(f"vl-evaluate: no trained CLIP in {missing}; run `python -m pipelines.train_vl`")

@@ -71,6 +71,18 @@ class VLMethod(Method):
         with attack_mode(model):
             return pgd_linf(loss_fn, x, a.eps, a.steps, a.step_size, a.random_start)
 
+    def objective_accuracy(self, predictor, batches, eps: float, steps: int, step_ratio: float) -> tuple[int, int]:
+        """l∞ PGD in pixel space with a random start (step_ratio None-like values: 2.5 eps / steps)."""
+        from mmrobust.vl.attacks import pgd_ce
+
+        correct = n = 0
+        for i, (inputs, y) in enumerate(batches):
+            adv = pgd_ce(predictor, inputs["visual"], y, eps, steps, eps * step_ratio if step_ratio else None, seed=i)
+            with torch.no_grad():
+                correct += int((predictor({"visual": adv}).argmax(1) == y).sum())
+            n += len(y)
+        return correct, n
+
     def teacher_logits(self, model, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             text = F.normalize(model.text_embeds(model.teacher), dim=-1)
