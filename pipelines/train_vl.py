@@ -58,6 +58,17 @@ def train_untrained(params, method: str, out: Path, run) -> dict:
     return metrics
 
 
+def skip_pretraining(params, out: Path) -> int:
+    """vl.clip_dir names the CLIP every method starts from: nothing to pre-train; the stage's output says so."""
+    from mmrobust.io import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        (tmp / "README.md").write_text(f"Not pre-trained: vl.clip_dir ({params.vl.clip_dir}) is the CLIP every "
+                                       f"vision-language method starts from.\n")
+    print(f"[clip_pretrain] skipped: vl.clip_dir = {params.vl.clip_dir}; wrote {out}/README.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__, dataset=False, prog="python -m pipelines.train_vl")
     ap.add_argument("--method", required=True, choices=VL_METHOD_NAMES)
@@ -71,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return cli.fail("train_vl", err)
     out = Path(args.out or out_dir(params, args.method, args.tuned))
+    if args.method == "clip_pretrain" and params.vl.clip_dir:
+        return skip_pretraining(params, out)
     label = f"{args.method}_tuned" if args.tuned else args.method
     run = ThreadPoolExecutor(1).submit(open_run, params, args.method, out, Path.cwd(), label, "vl")
     from mmrobust.vl.methods import VL_METHODS

@@ -171,3 +171,20 @@ def test_params_validate_without_torch():
             "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize("preset_file", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_expanded_presets_load_back_and_dvc_reads_them(preset_file, tmp_path):
+    # DVC interpolates dvc.yaml from params.yaml alone: a preset must become a complete file first
+    from stages.preset import main as preset_main
+
+    out = tmp_path / "params.yaml"
+    assert preset_main([str(preset_file), "--out", str(out)]) == 0
+    assert load_params(out) == load_params(preset_file)
+    assert out.read_text().startswith("#")  # the preset's own comment stays on top
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    env = {**__import__("os").environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
+    dag = subprocess.run([sys.executable, "-m", "dvc", "dag"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert dag.returncode == 0 and "vl-evaluate" in dag.stdout, dag.stderr

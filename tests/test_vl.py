@@ -274,3 +274,12 @@ def test_vl_objective_is_linf_pgd_on_the_methods_prediction():
         assert clean == int((model(x).argmax(1) == y).sum()) and n == len(y)
     robust, _ = method.objective_accuracy(predictor, [({"visual": x}, y)], 16 / 255, 5, None)
     assert robust <= clean
+
+
+def test_pretraining_is_skipped_for_a_users_clip(tmp_path, capsys):
+    from pipelines.train_vl import main
+
+    (tmp_path / "params.yaml").write_text(f"vl: {{clip_dir: {tmp_path}/my_clip}}\n")
+    out = tmp_path / "pre"
+    assert main(["--method", "clip_pretrain", "--params", str(tmp_path / "params.yaml"), "--out", str(out)]) == 0
+    assert "my_clip" in (out / "README.md").read_text() and "skipped" in capsys.readouterr().out
