@@ -57,7 +57,7 @@ class VLMethod(Method):
             model.teacher = copy.deepcopy(model.clip).requires_grad_(False).eval()
 
     def phases(self) -> list[Phase]:
-        return [Phase("image" if self.tunes == "image" else self.tunes, self.cfg.epochs)] if self.tunes != "none" else []
+        return [Phase(self.tunes, self.cfg.epochs)] if self.tunes != "none" else []
 
     def parameters(self, model, phase: Phase) -> list[nn.Parameter]:
         return {"image": image_params, "text": text_params,
@@ -91,19 +91,19 @@ class VLMethod(Method):
 
 @register_vl_method
 class CLIPPretrain(VLMethod):
-    """Contrastive pre-training; each image's caption is the prompt of a random non-empty subset of its class
-    name's words (with probability `pretrain.word_dropout`, else the whole name): single factors ("red",
+    """Contrastive pre-training; each image's caption is vl.prompt of a random non-empty subset of its class
+    name's words (with probability `pretrain.word_dropout`, else of the whole name): single factors ("red",
     "circle") are seen alone, so prompts of unseen combinations land near their images."""
     name = "clip_pretrain"
     tunes = "both"
 
     def loss(self, model, inputs, y, ctx):
         x = inputs["visual"]
-        captions = [self.caption(model.class_names[int(k)]) for k in y]
+        captions = [model.prompt.format(self.caption(model.class_names[int(k)])) for k in y]
         tok = model.tokenizer(captions, padding=True, return_tensors="pt")
         text = model.text_embeds(input_ids=tok["input_ids"].to(x.device), attention_mask=tok["attention_mask"].to(x.device))
         same = torch.tensor([[a == b for b in captions] for a in captions], device=x.device)
-        scale = model.clip.logit_scale.exp().clamp(max=100.0)
+        scale = model.scale()
         loss = contrastive(model.image_embeds(x), text, scale, same)
         return loss, {"scale": scale.detach()}
 
