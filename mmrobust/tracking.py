@@ -45,10 +45,59 @@ def client(uri: str):
     return mlflow.MlflowClient(uri)
 
 
+# MLflow 3 opens an experiment by its kind: model training, not the GenAI overview
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+PARENT_RUN_ENV = "MMROBUST_PARENT_RUN"  # set by pipelines.local_cluster: the run of one `dvc repro`
+
+
 def experiment_id(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    if exp is None:
+        return c.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+    if exp.tags.get(EXPERIMENT_KIND[0]) is None:
+        c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def source_tags(stage: str, cwd: str | Path = ".") -> dict[str, str]:
+    """What the runs list shows as Source: the DVC stage and the git commit; the `dvc repro` parent run when
+    pipelines.local_cluster started one."""
+    tags = {"mlflow.source.name": f"dvc stage {stage}", "mlflow.source.type": "PROJECT", "dvc_stage": stage}
+    commit = git_commit(cwd)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return tags
+
+
+def log_dataset(c, run_id: str, name: str, path: str | Path, files: list[str | Path], rows: int | None = None,
+                context: str = "training") -> str:
+    """The run's dataset as an MLflow dataset input: name, digest of the files that define it (manifests, class
+    lists), local source path, row count; returns the digest."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    digest = h.hexdigest()[:16]
+    ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": str(Path(path).resolve())}),
+                 profile=json.dumps({"num_rows": rows}) if rows is not None else None)
+    c.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+    return digest
 
 
 def log_params(c, run_id: str, params: dict[str, str]) -> None:

@@ -182,6 +182,7 @@ def start_warm_driver(env: dict, timeout: float = 60.0) -> tuple[subprocess.Pope
     loading torch and Ray; an early stage waits in its backlog); (None, None) and a note if it does not listen
     (the stages then run in their own processes)."""
     from pipelines.warm_driver import ENV_VAR
+    from mmrobust.tracking import PARENT_RUN_ENV
 
     path = str(Path(tempfile.gettempdir()) / "mmrobust-ray" / f"warm-{os.getpid()}.sock")
     log = open(Path(path).with_suffix(".log"), "wb")
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if os.environ.get("RAY_ADDRESS"):
         return subprocess.call(argv)
+    from mmrobust.tracking import PARENT_RUN_ENV
     from pipelines.warm_driver import ENV_VAR
 
     proc, address = start_head()
@@ -239,11 +241,46 @@ def main(argv: list[str] | None = None) -> int:
     if path:
         env[ENV_VAR] = path
     print(f"ray: local head at {address}{' and a warm driver' if path else ''} for `{' '.join(argv)}`", flush=True)
+    parent = open_repro_run(argv)
+    if parent:
+        env[PARENT_RUN_ENV] = parent[1]
+    status = 1
     try:
-        return subprocess.call(argv, env=env)
+        status = subprocess.call(argv, env=env)
+        return status
     finally:
         stop_cluster(proc, driver)
         print("ray: local head stopped", flush=True)
+        if parent:
+            close_repro_run(*parent, status)
+
+
+def open_repro_run(argv: list[str], params_file: str = "params.yaml") -> tuple | None:
+    """For `dvc repro`: one MLflow parent run that every stage's run joins (tag mlflow.parentRunId), so the
+    runs list groups the runs of one reproduction. None for other commands or without a params file."""
+    if not ("dvc" in " ".join(argv) and "repro" in argv) or not Path(params_file).exists():
+        return None
+    from mmrobust import tracking
+    from mmrobust.config import ConfigError, load_params
+
+    try:
+        params = load_params(params_file)
+    except ConfigError:
+        return None  # the stages will say what is wrong with it
+    uri = tracking.resolve_uri(params.tracking.uri)
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(uri, params.tracking.experiment)
+    commit = tracking.git_commit() or "no git"
+    tags = {"dvc_repro": " ".join(argv), "mlflow.source.name": "dvc repro", "mlflow.source.type": "PROJECT"}
+    if commit != "no git":
+        tags["mlflow.source.git.commit"] = commit
+    run = c.create_run(exp, run_name=f"dvc repro @ {commit[:8]}", tags=tags)
+    print(f"mlflow: parent run {run.info.run_id} ({uri}) groups this reproduction's runs", flush=True)
+    return c, run.info.run_id
+
+
+def close_repro_run(c, run_id: str, status: int) -> None:
+    c.set_terminated(run_id, "FINISHED" if status == 0 else "FAILED")
 
 
 if __name__ == "__main__":

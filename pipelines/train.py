@@ -165,11 +165,22 @@ def open_run(params: Params, method: str, out_dir: str | Path, base: Path = Path
         task = params.vl.pretrain.task if method == "clip_pretrain" else params.vl.tune_task
         tags = {"family": "vl", "method": method, "model_id": label, "dataset": task,
                 "model": "clip:" + (params.vl.clip_dir or "small")}
+        stage = "vl-pretrain" if method == "clip_pretrain" else f"vl-train@{label}"
+        folder = Path(params.vl.tasks_dir) / task
+        data_files = [folder / "classes.json"]
+        rows = sum(json.loads(data_files[0].read_text())["counts"].values()) if data_files[0].exists() else None
     else:
         tags = {"family": "av", "method": method, "model_id": label, "dataset": params.dataset_name,
                 "model": f"{cfg.model.encoder}-w{cfg.model.width}"}
-    run = c.create_run(exp, run_name=f"{label}@{tags['dataset']}", tags={**tags, "ray_run": run_name(method, params)})
+        stage = f"train@{params.dataset_name}-{label}"
+        folder = Path(params.data.out_dir)
+        data_files = [folder / "clips.csv"]
+        rows = len(data_files[0].read_text().splitlines()) - 1 if data_files[0].exists() else None
+    run = c.create_run(exp, run_name=f"{label}@{tags['dataset']}",
+                       tags={**tags, "ray_run": run_name(method, params), **tracking.source_tags(stage, base)})
     tracking.log_params(c, run.info.run_id, tracking.flatten(params.model_dump(mode="json")))
+    if all(f.exists() for f in data_files):
+        tracking.log_dataset(c, run.info.run_id, tags["dataset"], folder, data_files, rows)
     with atomic_file(run_file) as fh:
         json.dump({"run_id": run.info.run_id}, fh)
     return uri, exp, run.info.run_id

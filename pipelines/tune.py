@@ -135,8 +135,10 @@ def tune_method(params: Params, base: Path = Path("."), log=print, family: str =
     with tracking.concurrent_writers(uri, base / "mlartifacts") as server_uri:
         c = tracking.client(server_uri)
         dataset = params.vl.tune_task if family == "vl" else params.dataset_name
+        stage = "vl-tune" if family == "vl" else f"tune@{dataset}"
         parent = c.create_run(experiment, run_name=f"tune-{method}@{dataset}",
-                              tags={"method": method, "dataset": dataset, "tune": "asha", "family": family})
+                              tags={"method": method, "dataset": dataset, "tune": "asha", "family": family,
+                                    **tracking.source_tags(stage, base)})
         parent_id = parent.info.run_id
         tracking.log_params(c, parent_id, {
             **{f"tune.{k}": str(v) for k, v in cfg.model_dump(mode="json").items() if k not in ("space", "base")},
