@@ -152,8 +152,14 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
     assert f"datasets/{SYN}/README.md" in (repo / "results/README.md").read_text()
     import mlflow
     runs = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"])
+    (repro,) = [r for r in runs if "dvc_repro" in r.data.tags]  # local_cluster's parent run of the reproduction
     trained = [r for r in runs if "tune_trial" not in r.data.tags and "tune" not in r.data.tags
-               and r.data.tags.get("family") != "vl"]
+               and r.data.tags.get("family") != "vl" and r is not repro]
+    assert all(r.data.tags["mlflow.parentRunId"] == repro.info.run_id for r in runs
+               if r is not repro and "tune_trial" not in r.data.tags)
+    assert repro.info.status == "FINISHED"
+    assert all(r.data.tags["mlflow.source.name"].startswith("dvc stage ") for r in trained)
+    assert all(r.inputs.dataset_inputs[0].dataset.name == SYN for r in trained)
     assert {r.info.run_name for r in trained} == {f"{m}@{SYN}" for m in [*MODELS, *TUNED]}
     assert all("eval_clean" in r.data.metrics and r.data.tags["dataset"] == SYN for r in trained)
     assert sum("tune_trial" in r.data.tags for r in runs) == 2  # each search's child run (AV and VL)
