@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail("vl-evaluate", err)
     from mmrobust.vl.evaluate import run_evaluation
 
-    run_evaluation(params)
+    try:
+        run_evaluation(params)
+    except FileNotFoundError as err:
+        return cli.fail("vl-evaluate", err)
     return 0
 
 

@@ -210,7 +210,8 @@ def ingest_task(params, name: str) -> tuple[Path, dict, list[tuple[str, str]]]:
         names, splits, skipped = read_image_folder(vl.images[ref], task.classes, None)
     else:
         if ref not in params.datasets:
-            raise ValueError(f"vl.tasks.{name}.source: no dataset {ref!r} in `datasets` (have {sorted(params.datasets)})")
+            raise ValueError(f"vl.tasks.{name}.source: no dataset {ref!r} in `datasets` "
+                             f"(have {sorted(params.datasets)})")
         ds = params.for_dataset(ref)
         names, splits, skipped = read_frames(ds.extract.out_dir, Path(ds.data.out_dir) / "classes.csv", task.classes,
                                              task.words, task.frames_per_clip)

@@ -87,13 +87,17 @@ def evaluate_all(params, models_dir: dict[str, str], log=print) -> dict:
 
     vl = params.vl
     tasks = {n: load_task(task_dir(params, n)) for n in [vl.tune_task, *vl.zero_shot_tasks]}
-    results = {}
+    results, start = {}, time.perf_counter()
     for i, (method, folder) in enumerate(models_dir.items()):
         t0 = time.perf_counter()
         log(f"[vl-evaluate] {method} ({i + 1}/{len(models_dir)})")
         model = zero_shot_model(params, tasks[vl.tune_task].classes, folder)
         results[method] = {n: evaluate_task(model, t, vl.evaluate, log) for n, t in tasks.items()}
-        log(f"[vl-evaluate] {method}: {time.perf_counter() - t0:.0f} s")
+        took, done = time.perf_counter() - t0, time.perf_counter() - start
+        rate = sum(r["n"] for r in results[method].values()) / took
+        eta = done / (i + 1) * (len(models_dir) - i - 1)
+        log(f"[vl-evaluate] {method}: {took:.0f} s ({rate:.0f} images/s through {len(attack_grid(vl.evaluate))} "
+            f"attacks; ETA {eta:.0f} s)")
     return results
 
 

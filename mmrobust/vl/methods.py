@@ -101,7 +101,8 @@ class CLIPPretrain(VLMethod):
         x = inputs["visual"]
         captions = [model.prompt.format(self.caption(model.class_names[int(k)])) for k in y]
         tok = model.tokenizer(captions, padding=True, return_tensors="pt")
-        text = model.text_embeds(input_ids=tok["input_ids"].to(x.device), attention_mask=tok["attention_mask"].to(x.device))
+        text = model.text_embeds(input_ids=tok["input_ids"].to(x.device),
+                                 attention_mask=tok["attention_mask"].to(x.device))
         same = torch.tensor([[a == b for b in captions] for a in captions], device=x.device)
         scale = model.scale()
         loss = contrastive(model.image_embeds(x), text, scale, same)
@@ -172,7 +173,8 @@ class TIMABase(VLMethod):
         return out + [Phase("image", self.cfg.epochs)]
 
     def loss(self, model, inputs, y, ctx):
-        return self.iat_loss(model, inputs["visual"], y) if ctx.phase == "text" else self.tai_loss(model, inputs["visual"], y)
+        x = inputs["visual"]
+        return self.iat_loss(model, x, y) if ctx.phase == "text" else self.tai_loss(model, x, y)
 
     def iat_loss(self, model, x, y):
         """CE of the frozen pre-trained image embeddings against the tuned class texts + MHE of the tuned texts
