@@ -227,6 +227,15 @@ def test_image_folder_ingest_skips_and_names_bad_files(tmp_path):
         read_image_folder(tmp_path / "shapes", ["purple circle"], None)
 
 
+def test_class_names_read_as_prompt_words():
+    from mmrobust.vl.data import class_text
+
+    assert class_text("ApplyEyeMakeup") == "apply eye makeup"                       # UCF101 classInd.txt
+    assert class_text("red_circle_right_harmonic150", words=2) == "red circle"      # the synthetic set
+    assert class_text("playing bagpipes") == "playing bagpipes"                    # Kinetics-Sounds, VGGSound
+    assert class_text("YoYo") == "yo yo" and class_text("PlayingDaf") == "playing daf"
+
+
 def test_vl_params_name_bad_references():
     with pytest.raises(ConfigError, match="tune_task: no task 'nope'"):
         parse_params({"vl": {"tune_task": "nope"}})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,9 @@ SPLITS = ("train", "test")
 
 
 def class_text(name: str, words: int | None = None) -> str:
-    """A class name as prompts read it: `_` as spaces, optionally only the first `words` words."""
-    parts = name.replace("_", " ").split()
+    """A class name as prompts read it: `_` and CamelCase boundaries as spaces (UCF101's "ApplyEyeMakeup" ->
+    "apply eye makeup"), lower case, optionally only the first `words` words."""
+    parts = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name.replace("_", " ")).lower().split()
     return " ".join(parts[:words] if words else parts)
 
 
