@@ -557,8 +557,9 @@ class VLCfg(_Strict):
             if not isinstance(model, BaseModel) or field not in type(model).model_fields or group in ("tune", "evaluate"):
                 errors.append(f"tune.space.{key}: not a key under vl (write e.g. tima.margin or logit_scale)")
         for m in self.train_overrides:
-            if m not in VL_METHOD_NAMES:
-                errors.append(f"train_overrides.{m}: unknown method; allowed values: {list(VL_METHOD_NAMES)}")
+            if m not in VL_METHOD_NAMES[1:]:
+                errors.append(f"train_overrides.{m}: not a tuned method (vl.pretrain.train sets clip_pretrain's); "
+                              f"allowed values: {list(VL_METHOD_NAMES[1:])}")
             else:
                 try:
                     self.train_for(m)

@@ -307,8 +307,8 @@ def run(trainer: Trainer, start: int = 0, report: Report | None = None, objectiv
         log=print) -> dict:
     """Epochs `start`.. of `trainer`, each reported as `report(epoch, metrics, trainer)` (Ray: a checkpoint and
     `ray.train.report`); after the last one the selected model is in `trainer.model` and its test accuracy in
-    the metrics. `objective` ({eps, steps, step_ratio}): a tuning trial, scored each epoch by joint l2-PGD
-    accuracy on the validation split (`val_pgd_acc`), which never looks at the test split. Returns the last
+    the metrics. `objective` ({eps, steps, step_ratio}): a tuning trial, scored each epoch by the method's
+    objective attack (`Method.objective_accuracy`: joint l2-PGD, l∞ PGD for CLIP) on the validation split (`val_pgd_acc`), which never looks at the test split. Returns the last
     epoch's metrics."""
     t0, metrics = time.perf_counter(), {}
     for epoch in range(start, trainer.epochs):

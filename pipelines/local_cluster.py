@@ -182,7 +182,6 @@ def start_warm_driver(env: dict, timeout: float = 60.0) -> tuple[subprocess.Pope
     loading torch and Ray; an early stage waits in its backlog); (None, None) and a note if it does not listen
     (the stages then run in their own processes)."""
     from pipelines.warm_driver import ENV_VAR
-    from mmrobust.tracking import PARENT_RUN_ENV
 
     path = str(Path(tempfile.gettempdir()) / "mmrobust-ray" / f"warm-{os.getpid()}.sock")
     log = open(Path(path).with_suffix(".log"), "wb")
@@ -241,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     if path:
         env[ENV_VAR] = path
     print(f"ray: local head at {address}{' and a warm driver' if path else ''} for `{' '.join(argv)}`", flush=True)
-    parent = open_repro_run(argv)
-    if parent:
-        env[PARENT_RUN_ENV] = parent[1]
-    status = 1
+    parent, status = None, 1
     try:
+        parent = open_repro_run(argv)
+        if parent:
+            env[PARENT_RUN_ENV] = parent[1]
         status = subprocess.call(argv, env=env)
         return status
     finally:

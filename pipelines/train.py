@@ -165,14 +165,15 @@ def open_run(params: Params, method: str, out_dir: str | Path, base: Path = Path
         task = params.vl.pretrain.task if method == "clip_pretrain" else params.vl.tune_task
         tags = {"family": "vl", "method": method, "model_id": label, "dataset": task,
                 "model": "clip:" + (params.vl.clip_dir or "small")}
-        stage = "vl-pretrain" if method == "clip_pretrain" else f"vl-train@{label}"
+        stage = ("vl-pretrain" if method == "clip_pretrain" else
+                 f"vl-train-tuned@{method}" if label != method else f"vl-train@{method}")
         folder = Path(params.vl.tasks_dir) / task
         data_files = [folder / "classes.json"]
         rows = sum(json.loads(data_files[0].read_text())["counts"].values()) if data_files[0].exists() else None
     else:
         tags = {"family": "av", "method": method, "model_id": label, "dataset": params.dataset_name,
                 "model": f"{cfg.model.encoder}-w{cfg.model.width}"}
-        stage = f"train@{params.dataset_name}-{label}"
+        stage = f"{'train-tuned' if label in params.tuned_models else 'train'}@{params.dataset_name}-{label}"
         folder = Path(params.data.out_dir)
         data_files = [folder / "clips.csv"]
         rows = len(data_files[0].read_text().splitlines()) - 1 if data_files[0].exists() else None

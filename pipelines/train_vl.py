@@ -58,6 +58,19 @@ def train_untrained(params, method: str, out: Path, run) -> dict:
     return metrics
 
 
+def missing_inputs(params, method: str) -> str | None:
+    """What the run would fail on, said before anything starts: its task not ingested, the CLIP not there."""
+    from mmrobust.vl.run import clip_dir, task_dir
+
+    task = params.vl.pretrain.task if method == "clip_pretrain" else params.vl.tune_task
+    if not (task_dir(params, task) / "classes.json").exists():
+        return f"{task_dir(params, task)}: task {task!r} not ingested (run `python -m stages.vl_ingest`)"
+    if method != "clip_pretrain" and not (clip_dir(params) / "config.json").exists():
+        return (f"{clip_dir(params)}: no CLIP (set vl.clip_dir to a save_pretrained folder, or run "
+                f"`python -m pipelines.train_vl --method clip_pretrain`)")
+    return None
+
+
 def skip_pretraining(params, out: Path) -> int:
     """vl.clip_dir names the CLIP every method starts from: nothing to pre-train; the stage's output says so."""
     from mmrobust.io import atomic_dir
@@ -84,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or out_dir(params, args.method, args.tuned))
     if args.method == "clip_pretrain" and params.vl.clip_dir:
         return skip_pretraining(params, out)
+    missing = missing_inputs(params, args.method)
+    if missing:
+        return cli.fail("train_vl", FileNotFoundError(missing))
     label = f"{args.method}_tuned" if args.tuned else args.method
     run = ThreadPoolExecutor(1).submit(open_run, params, args.method, out, Path.cwd(), label, "vl")
     from mmrobust.vl.methods import VL_METHODS

@@ -127,7 +127,7 @@ def tune_method(params: Params, base: Path = Path("."), log=print, family: str =
         return skip_search(out, log)
     digest = hashlib.sha1(params.model_dump_json().encode()).hexdigest()[:10]
     name = f"tune-{method}-{digest}"
-    storage = Path(params.train.storage_dir)
+    storage = Path(params.vl.train.storage_dir if family == "vl" else params.train.storage_dir)
     shutil.rmtree(storage / name, ignore_errors=True)  # an interrupted search starts over (trials are short)
     uri = tracking.resolve_uri(params.tracking.uri, base)
     experiment = tracking.experiment_id(uri, params.tracking.experiment)  # created on the store: local artifacts
@@ -206,7 +206,8 @@ def skip_search(out: Path, log=print) -> dict:
     write_csv(out / "trials.csv", [], ["trial_id", "status", "epochs", "epochs_total", METRIC, "val_acc"])
     summary = {"skipped": True, "trials": 0}
     write_json(out / "summary.json", summary)
-    log(f"[tune] no tuned_models configured: search skipped; wrote empty outputs in {out}")
+    log(f"[tune] nothing consumes a search (tuned_models / vl.tuned_methods empty): skipped; wrote empty outputs "
+        f"in {out}")
     return summary
 
 

@@ -292,3 +292,29 @@ def test_pretraining_is_skipped_for_a_users_clip(tmp_path, capsys):
     out = tmp_path / "pre"
     assert main(["--method", "clip_pretrain", "--params", str(tmp_path / "params.yaml"), "--out", str(out)]) == 0
     assert "my_clip" in (out / "README.md").read_text() and "skipped" in capsys.readouterr().out
+
+
+def test_a_tuned_clip_keeps_its_prompt_and_temperature(tmp_path):
+    from mmrobust.vl.run import save_trained, zero_shot_model
+
+    base = tiny_model()
+    model = ZeroShotCLIP(base.clip, base.tokenizer, base.image, CLASSES, prompt="this is a {}", logit_scale=42.0)
+    save_trained(model, tmp_path / "tuned", {"test_acc": 1.0})
+    params = parse_params({})  # vl.logit_scale None, vl.prompt "a photo of a {}."
+    back = zero_shot_model(params, CLASSES, tmp_path / "tuned")
+    assert back.fixed_scale == 42.0 and back.prompt == "this is a {}"
+    x, _ = colour_images()
+    with torch.no_grad():
+        assert torch.allclose(back(x), model(x), atol=1e-5)
+
+
+def test_training_a_vl_method_without_its_inputs_is_a_clear_error(tmp_path, capsys):
+    from pipelines.train_vl import main
+
+    (tmp_path / "params.yaml").write_text(f"vl: {{tasks_dir: {tmp_path}/tasks, pretrain: {{out_dir: {tmp_path}/clip}}}}\n")
+    assert main(["--method", "tecoa", "--params", str(tmp_path / "params.yaml")]) == 2
+    assert "task 'shapes_seen' not ingested" in capsys.readouterr().err
+    (tmp_path / "tasks/shapes_seen").mkdir(parents=True)
+    (tmp_path / "tasks/shapes_seen/classes.json").write_text("{}")
+    assert main(["--method", "tecoa", "--params", str(tmp_path / "params.yaml")]) == 2
+    assert "no CLIP" in capsys.readouterr().err

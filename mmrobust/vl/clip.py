@@ -60,13 +60,13 @@ def word_tokenizer(words, max_length: int = 16):
                                    eos_token="<eos>", model_max_length=max_length)
 
 
-def prompt_words(texts) -> list[str]:
-    """Every word of the prompts made from `texts` (class names), for `word_tokenizer`."""
+def prompt_words(texts, prompt: str = PROMPT) -> list[str]:
+    """Every word of the prompts made from `texts` (class names) with `prompt`, for `word_tokenizer`."""
     from tokenizers import pre_tokenizers
 
     split = pre_tokenizers.Whitespace()
     words = set()
-    for t in list(texts) + [PROMPT.format("")]:
+    for t in [prompt.format(t) for t in texts] + [prompt.format("")]:
         words.update(w for w, _ in split.pre_tokenize_str(t))
     return sorted(words)
 

@@ -38,14 +38,6 @@ def shape_classes() -> list[tuple[str, str]]:
     return [(c, s) for s in SHAPES for c in COLOUR_NAMES]
 
 
-def seen_shape_classes() -> list[str]:
-    """Half of the colour × shape grid (shape index + colour index even): every colour and every shape occurs
-    in both halves, so the other half's prompts are new combinations of seen words."""
-    from mmrobust.data.synthetic import COLOUR_NAMES, SHAPES
-
-    return [f"{c} {s}" for c, s in shape_classes() if (SHAPES.index(s) + COLOUR_NAMES.index(c)) % 2 == 0]
-
-
 def render_shapes(cfg, out_dir: str | Path) -> dict:
     """Write the embedded ImageFolder tree: per class and split, images of one coloured shape at a random place
     and size over the synthetic set's clutter, up to `cfg.distractors` smaller shapes of random colours, pixel
@@ -119,7 +111,8 @@ def read_image_folder(root: str | Path, classes: list[str] | None, size: int | N
                 if size and img.shape[:2] != (size, size):
                     img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
                 if images and img.shape != images[0].shape:
-                    skipped.append((str(f), f"size {img.shape[:2]} differs from {images[0].shape[:2]}; set image_size"))
+                    skipped.append((str(f), f"size {img.shape[:2]} differs from the split's first image "
+                                            f"{images[0].shape[:2]}"))
                     continue
                 images.append(np.ascontiguousarray(img))
                 labels.append(k)
@@ -141,6 +134,8 @@ def read_frames(features_dir: str | Path, classes_csv: str | Path, classes: list
         raise FileNotFoundError(f"{index}: the dataset's visual frames have not been extracted")
     all_names = {int(r["label"]): class_text(r["name"], words) for r in read_csv(classes_csv)}
     names = list(classes) if classes is not None else [all_names[k] for k in sorted(all_names)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{classes_csv}: several classes read the same with words={words}; use more words")
     by_text: dict[str, int] = {}
     for k in sorted(all_names):
         by_text.setdefault(all_names[k], k)

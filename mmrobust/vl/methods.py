@@ -83,10 +83,12 @@ class VLMethod(Method):
             n += len(y)
         return correct, n
 
-    def teacher_logits(self, model, x: torch.Tensor) -> torch.Tensor:
+    def teacher_logits(self, model, x: torch.Tensor | None = None, image0: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen pre-trained model's logits for images `x` (or their pre-trained embeddings `image0`)."""
         with torch.no_grad():
             text = F.normalize(model.text_embeds(model.teacher), dim=-1)
-            return model.logits(model.image_embeds(x, model.teacher), text)
+            image0 = model.image_embeds(x, model.teacher) if image0 is None else image0
+            return model.logits(image0, text)
 
 
 @register_vl_method
@@ -186,12 +188,8 @@ class TIMABase(VLMethod):
         logits = model.logits(image0, text)
         ce = F.cross_entropy(logits, y)
         energy = mhe(text, w.mhe_alpha)
-        kd = kl_to(self.teacher_logits_of(model, image0), logits)
+        kd = kl_to(self.teacher_logits(model, image0=image0), logits)
         return ce + w.mhe_weight * energy + w.iakd_weight * kd, {"mhe": energy.detach(), "iakd": kd.detach()}
-
-    def teacher_logits_of(self, model, image0):
-        with torch.no_grad():
-            return model.logits(image0, F.normalize(model.text_embeds(model.teacher), dim=-1))
 
     def tai_loss(self, model, x, y):
         """CE with the text-distance adaptive margin on adversarial images + ‖φ(x_adv) − φ₀(x)‖² on normalised

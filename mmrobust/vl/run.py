@@ -17,6 +17,7 @@ from mmrobust.vl.clip import ImageSpec, ZeroShotCLIP, load_clip, prompt_words, s
 from mmrobust.vl.data import ImageSplit, Task, load_task
 from mmrobust.vl.methods import build_vl_method
 
+ZERO_SHOT_FILE = "zero_shot.json"  # the prompt and fixed temperature a tuned CLIP was trained with
 VAL_EVERY = 10  # every 10th training image (in a seeded order) is held out for model selection
 
 
@@ -75,15 +76,20 @@ def new_small_clip(params):
     """A fresh small CLIP and a word tokenizer over every stored task's class words (the vocabulary knows the
     held-out classes' words; which combinations are seen is decided by the pre-training task alone)."""
     pre = params.vl.pretrain
-    tokenizer = word_tokenizer(prompt_words(all_class_texts(params) + [params.vl.prompt]))
+    tokenizer = word_tokenizer(prompt_words(all_class_texts(params), params.vl.prompt))
     clip = small_clip(len(tokenizer), pre.image_size, pre.patch_size, pre.width, pre.layers, pre.heads,
                       pre.embed_dim, seed=pre.train.seed)
     return clip, tokenizer, ImageSpec(pre.image_size)
 
 
 def zero_shot_model(params, classes: list[str], path: str | Path | None = None) -> ZeroShotCLIP:
-    clip, tokenizer, image = load_clip(path or clip_dir(params))
-    return ZeroShotCLIP(clip, tokenizer, image, classes, params.vl.prompt, params.vl.logit_scale)
+    """The zero-shot classifier of a CLIP folder: with the prompt and fixed temperature it was tuned with (a
+    tuned model's own, e.g. vl-tune's logit_scale), else vl.prompt / vl.logit_scale."""
+    path = Path(path or clip_dir(params))
+    clip, tokenizer, image = load_clip(path)
+    own = json.loads((path / ZERO_SHOT_FILE).read_text()) if (path / ZERO_SHOT_FILE).exists() else {}
+    return ZeroShotCLIP(clip, tokenizer, image, classes, own.get("prompt", params.vl.prompt),
+                        own.get("logit_scale", params.vl.logit_scale))
 
 
 def make_trainer(params, method: str, device=None) -> Trainer:
@@ -99,7 +105,8 @@ def make_trainer(params, method: str, device=None) -> Trainer:
             clip, tokenizer, image = new_small_clip(params)
             model = ZeroShotCLIP(clip, tokenizer, image, task.classes, vl.prompt, None)
         else:
-            model = zero_shot_model(params, task.classes)
+            clip, tokenizer, image = load_clip(clip_dir(params))
+            model = ZeroShotCLIP(clip, tokenizer, image, task.classes, vl.prompt, vl.logit_scale)
         m = build_vl_method(method, cfg, vl)
         m.prepare(model)
         return model, m
@@ -120,6 +127,7 @@ def save_trained(model: ZeroShotCLIP, out_dir: str | Path, metrics: dict) -> Pat
     written atomically."""
     with atomic_dir(out_dir) as tmp:
         save_clip(model.clip, model.tokenizer, model.image, tmp)
+        (tmp / ZERO_SHOT_FILE).write_text(json.dumps({"prompt": model.prompt, "logit_scale": model.fixed_scale}))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return Path(out_dir)
 
