@@ -230,8 +230,8 @@ class Trainer:
         correct, uni, n = 0, {m: 0 for m in self.data.modalities}, 0
         for inputs, y in self.batches(split):
             correct += int((self.method.predict(self.model, inputs).argmax(1) == y).sum())
-            out = self.model(inputs)
-            if not hasattr(out, "scores"):  # a model without per-modality heads (CLIP)
+            out = self.model(inputs) if uni else None
+            if out is not None and not hasattr(out, "scores"):  # no per-modality heads (CLIP): no second pass
                 uni = {}
             for m in uni:
                 uni[m] += int((out.scores[m].argmax(1) == y).sum())
