@@ -230,13 +230,29 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
         write_json(out_dir / "metrics.json", metrics)
         c.log_artifact(run_id, str(out_dir / "metrics.json"))
         c.log_artifact(run_id, str(out_dir / "model.pt"), "checkpoint")
-    write_json(out_dir / "mlflow_run.json", {"run_id": run_id, "tracking_uri": uri, "experiment": exp})
+    info = {"run_id": run_id, "tracking_uri": uri, "experiment": exp}
+    if family == "av":
+        info["model_uri"] = log_pytorch_model(params, out_dir / checkpoint.MODEL_FILE, uri, run_id, model_id or method)
+    write_json(out_dir / "mlflow_run.json", info)
     c.set_terminated(run_id)
     _run_file(out_dir).unlink(missing_ok=True)
     shutil.rmtree(Path(cfg.storage_dir) / name, ignore_errors=True)  # finished: the next run starts fresh
     log(f"[{model_id or method}] test acc {metrics.get('test_acc', float('nan')):.3f}; model -> {out_dir}; "
         f"MLflow run {run_id} at {uri}")
     return metrics
+
+
+def log_pytorch_model(params: Params, model_path: Path, uri: str, run_id: str, model_id: str) -> str:
+    """The trained model on its run as an MLflow PyTorch model; the input layout from one clip."""
+    from mmrobust import checkpoint, mlflow_model
+    from mmrobust.train import build_data
+
+    predictor, _, ckpt = checkpoint.load_trained(model_path)
+    data = build_data(params, ckpt["modalities"])
+    item = next(split for split in (data.test, data.val, data.train_eval) if len(split))[0]
+    example = {m: item[m][None] for m in ckpt["modalities"]}
+    return mlflow_model.log_model(uri, run_id, predictor, example, ckpt["num_classes"],
+                                  tags={"model": model_id, "method": ckpt["method"], "dataset": params.dataset_name})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,5 +38,17 @@ def test_two_workers_survive_a_killed_worker_and_checkpoint_reloads(ray_cluster,
     assert sorted({m.step for m in history}) == [0, 1, 2, 3]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert artifacts == {"checkpoint/model.pt"}
+    # ... and the model as an MLflow PyTorch model of that run (the runs list's Models column) that loads back
+    # with mlflow.pytorch and predicts what the checkpoint predicts, through its flat signature
+    from mmrobust.mlflow_model import tracking_uri
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    assert logged.source_run_id == run.info.run_id and run_info["model_uri"] == logged.model_uri
+    with tracking_uri(run_info["tracking_uri"]):
+        model = mlflow.pytorch.load_model(logged.model_uri)
+        spec = mlflow.models.get_model_info(logged.model_uri).signature.inputs.to_dict()[0]
+    assert model.shapes == {m: x[m].shape[1:] for m in x}
+    assert list(spec["tensor-spec"]["shape"]) == [-1, sum(t[0].numel() for t in x.values())]
+    with torch.no_grad():
+        torch.testing.assert_close(model(model.flatten(x)), predictor(x))
     # a finished run leaves no Ray run folder behind, so the next run with the same params starts fresh
     assert not (tmp_path / "ray" / run_name("crmt_jt", params)).exists()

@@ -30,5 +30,5 @@ def evaluate_all(params: Params, models_dir: str | Path = "models", cache_dir: s
     methods = {mid: next(r["method"] for r in rows if r["model"] == mid) for mid in ids}
     archs = {mid: model_arch(Path(models_dir) / mid / MODEL_FILE) for mid in ids}
     metrics = write_outputs(params, ids, rows, methods, archs, models_dir, log)
-    log_to_mlflow(params, ids, metrics, Path(cfg.out_dir), models_dir, log)
+    log_to_mlflow(params, ids, metrics, Path(cfg.out_dir), models_dir, methods, log)
     return metrics
