@@ -289,6 +289,35 @@ def curve(rows: list[dict], model: str, attack: str, modality: str) -> list[tupl
     return sorted(pts)
 
 
+def curve_series(rows: list[dict], models: dict[str, str]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """The accuracy-vs-radius curves of the figures, {figure: {series: [(radius, accuracy)]}} (radius 0 = clean):
+    F1_F4 uni-modal PGD per attacked modality of the models measured on the uni-modal grid, F5 joint PGD of the
+    ablation, T11 joint FGM of the CRMT-JT iteration variants."""
+    def on_grid(m: str) -> bool:  # measured at more than one uni-modal radius
+        return len({r["eps"] for r in rows if r["model"] == m and r["attack"] == "pgd" and r["modality"] != "all"}) > 1
+    mods = modalities_of(rows)
+    measured = {r["model"] for r in rows}
+    uni = [m for m in CURVE_MODELS + _others(models, CURVE_MODELS) if m in models and on_grid(m)]
+    out = {"F1_F4": {f"{model} #{m}": curve(rows, model, "pgd", m) for model in uni for m in mods},
+           "F5": {model: curve(rows, model, "pgd", "all") for model in F5_MODELS if model in measured},
+           "T11": {model: curve(rows, model, "fgm", "all") for model, method in models.items()
+                   if method == "crmt_jt" and model in measured}}
+    return {fig: {k: pts for k, pts in series.items() if len(pts) > 1} for fig, series in out.items()}
+
+
+def write_curves(rows: list[dict], out: Path, models: dict[str, str]) -> list[Path]:
+    """`curve_series` as long CSVs (series, radius, accuracy): what `dvc plots show` draws (dvc.yaml, template
+    .dvc/plots/curves.json: one line per series)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fig, series in curve_series(rows, models).items():
+        if series:
+            data = [{"series": k, "radius": x, "accuracy": y} for k, pts in series.items() for x, y in pts]
+            write_csv(out / f"{fig}.csv", data, ["series", "radius", "accuracy"])
+            written.append(out / f"{fig}.csv")
+    return written
+
+
 def write_figures(rows: list[dict], out: Path, models: dict[str, str]) -> list[Path]:
     import matplotlib
 
@@ -297,17 +326,16 @@ def write_figures(rows: list[dict], out: Path, models: dict[str, str]) -> list[P
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    curves = curve_series(rows, models)
     mods = modalities_of(rows)
-    # models measured on the uni-modal radius grid (more than one radius), paper's order first
-    def on_grid(m: str) -> bool:
-        return len({r["eps"] for r in rows if r["model"] == m and r["attack"] == "pgd" and r["modality"] != "all"}) > 1
-    curve_models = [m for m in CURVE_MODELS + _others(models, CURVE_MODELS) if m in models and on_grid(m)]
-    if curve_models and mods:
-        fig, axes = plt.subplots(1, len(curve_models), figsize=(4 * len(curve_models), 3.2), squeeze=False)
-        for ax, model in zip(axes[0], curve_models):
+    uni_models = list(dict.fromkeys(k.split(" #")[0] for k in curves["F1_F4"]))
+    if uni_models:
+        fig, axes = plt.subplots(1, len(uni_models), figsize=(4 * len(uni_models), 3.2), squeeze=False)
+        for ax, model in zip(axes[0], uni_models):
             for m in mods:
-                xs, ys = zip(*curve(rows, model, "pgd", m))
-                ax.plot(xs, ys, marker="o", label=f"attack #{m}")
+                if f"{model} #{m}" in curves["F1_F4"]:
+                    xs, ys = zip(*curves["F1_F4"][f"{model} #{m}"])
+                    ax.plot(xs, ys, marker="o", label=f"attack #{m}")
             ax.set_title(model)
             ax.set_xlabel("uni-modal l2-PGD radius")
             ax.set_ylim(0, 1)
@@ -316,11 +344,10 @@ def write_figures(rows: list[dict], out: Path, models: dict[str, str]) -> list[P
         axes[0][-1].legend()
         fig.tight_layout()
         written.append(_save(fig, out / "F1_F4.png"))
-    ablation = [m for m in F5_MODELS if any(r["model"] == m for r in rows)]
-    if ablation:
+    if curves["F5"]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for model in ablation:
-            xs, ys = zip(*curve(rows, model, "pgd", "all"))
+        for model, pts in curves["F5"].items():
+            xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o", label=model)
         ax.set_xlabel("joint l2-PGD radius")
         ax.set_ylabel("accuracy")

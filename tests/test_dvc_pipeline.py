@@ -85,6 +85,7 @@ def repo(tmp_path_factory):
     _run(["git", "init", "-q"], repo)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], repo)
     _dvc(repo, "init", "-q")
+    shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")  # the curves' plot template
     return repo
 
 
@@ -145,6 +146,14 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
     metrics = json.loads((own / "metrics.json").read_text())
     assert set(metrics) == set(MODELS) | set(TUNED) and all(0 <= v["pgd"] <= v["clean"] for v in metrics.values())
     assert (own / "figures/F5.png").stat().st_size > 1000 and (own / "README.md").exists()
+    # the curves as DVC plots: `dvc plots show` reads the same accuracies, one line per series
+    shown = json.loads(_dvc(repo, "plots", "show", "--json").stdout)["data"]
+    f5 = shown[f"results/datasets/{SYN}/plots/F5.csv"][0]["content"]
+    assert f5["encoding"]["color"]["field"] == "series"
+    pgd = {float(v["radius"]): float(v["accuracy"]) for v in f5["data"]["values"] if v["series"] == "crmt_jt"}
+    assert pgd[0.0] == pytest.approx(metrics["crmt_jt"]["clean"], abs=1e-4)
+    assert pgd[0.5] == pytest.approx(metrics["crmt_jt"]["pgd"], abs=1e-4)
+    assert f"results/datasets/{SYN}/plots/T11.csv" in shown
     # the combined T1 carries the same numbers under the dataset's column group
     combined = {r["model"]: r for r in _md_rows(repo / "results/tables/T1.md")}
     assert {r["model"]: (r["Clean"], r["PGD 0.5"]) for r in _md_rows(own / "tables/T1.md")} == \
@@ -163,6 +172,12 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
     assert {r.info.run_name for r in trained} == {f"{m}@{SYN}" for m in [*MODELS, *TUNED]}
     assert all("eval_clean" in r.data.metrics and r.data.tags["dataset"] == SYN for r in trained)
     assert sum("tune_trial" in r.data.tags for r in runs) == 2  # each search's child run (AV and VL)
+    # each trained model is an MLflow model of its run; the best CRMT model of the dataset is registered
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    logged = client.search_logged_models(["1"])
+    assert {m.source_run_id for m in logged} == {r.info.run_id for r in trained}
+    (version,) = client.search_model_versions(f"name = 'mmrobust-{SYN}-crmt'")
+    assert version.tags["model"] == "crmt_jt" and version.source in {m.model_uri for m in logged}
     # the vision-language family: CLIP folders that load back, the zero-shot table, its numbers in MLflow
     from mmrobust.vl.clip import load_clip
     clip, tok, image = load_clip(repo / "models/vl/tima")

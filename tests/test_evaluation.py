@@ -317,3 +317,23 @@ def test_killed_evaluation_stage_resumes_where_it_stopped(trained, tmp_path):
     for name in ("measurements.csv", "tables/T1.csv", "tables/CA.csv", "metrics.json"):
         own = "results/datasets/tiny/" + name
         assert (tmp_path / "run" / own).read_text() == (tmp_path / "fresh" / own).read_text()
+
+
+def test_curve_data_for_dvc_plots(tmp_path):
+    """The curves' CSVs carry the measured accuracies (radius 0 = clean) of the right models per figure."""
+    from mmrobust.tables import write_curves
+    methods = {"jt": "jt", "crmt_jt": "crmt_jt", "crmt_jt_it2": "crmt_jt"}
+    rows = FIXTURE + [dict(FIXTURE[0], attack="pgd", modality=m, eps=0.5, accuracy=a)
+                      for m, a in (("audio", 0.45), ("visual", 0.75))]  # jt on a 2-radius uni-modal grid
+    written = {p.name for p in write_curves(rows, tmp_path, methods)}
+    assert written == {"F1_F4.csv", "F5.csv", "T11.csv"}
+    import csv
+    read = {f: [(r["series"], float(r["radius"]), float(r["accuracy"])) for r in csv.DictReader(open(tmp_path / f))]
+            for f in written}
+    assert read["F5.csv"] == [("jt", 0.0, 0.8), ("jt", 0.5, pytest.approx(0.4)),
+                              ("crmt_jt", 0.0, 0.9), ("crmt_jt", 0.5, pytest.approx(0.5))]
+    assert {s for s, *_ in read["T11.csv"]} == {"crmt_jt", "crmt_jt_it2"}  # not jt: T11 is CRMT-JT's iterations
+    assert [(x, a) for s, x, a in read["T11.csv"] if s == "crmt_jt_it2"] == \
+        [(0.0, 0.92), (0.5, pytest.approx(0.62)), (1.0, pytest.approx(0.42))]
+    assert [(s, x) for s, x, _ in read["F1_F4.csv"]] == [("jt #audio", 0.0), ("jt #audio", 0.5), ("jt #audio", 1.0),
+                                                         ("jt #visual", 0.0), ("jt #visual", 0.5), ("jt #visual", 1.0)]
