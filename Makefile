@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 # DVC stage commands call `python`: it must be this environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: env reproduce test ui clean-data
+.PHONY: screenshots env reproduce test ui clean-data
 
 env: $(STAMP)
 
@@ -32,7 +32,12 @@ reproduce: $(STAMP)
 	@echo ">> results: results/README.md (T1 across datasets; links to each dataset's tables and figures), models/<dataset>/, MLflow runs in mlflow.db (make ui)"
 
 ui: $(STAMP)
+	@echo ">> runs: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# the runs page, the models and a JT-vs-CRMT comparison as a user sees them (needs: apt-get install chromium)
+screenshots: $(STAMP)
+	$(PY) scripts/mlflow_screenshots.py --store sqlite:///mlflow.db --out results/screenshots
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -52,8 +52,8 @@ def signature(model: FlatInputs, num_classes: int):
 
 
 def log_model(uri: str, run_id: str, predictor: torch.nn.Module, example: dict, num_classes: int,
-              tags: dict | None = None) -> str:
-    """Log `predictor` on run `run_id` as an MLflow PyTorch model with a tensor signature; returns its URI.
+              name: str = ARTIFACT, tags: dict | None = None) -> str:
+    """Log `predictor` on run `run_id` as MLflow PyTorch model `name` with a tensor signature; returns its URI.
     The library travels with the model (code_paths), so it loads where mmrobust is not installed."""
     import mlflow
     import mlflow.pytorch
@@ -66,7 +66,7 @@ def log_model(uri: str, run_id: str, predictor: torch.nn.Module, example: dict, 
     try:
         with tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pytorch.log_model(
-                model, name=ARTIFACT, signature=signature(model, num_classes), code_paths=[str(PACKAGE_DIR)],
+                model, name=name, signature=signature(model, num_classes), code_paths=[str(PACKAGE_DIR)],
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
                                   "pydantic", "pyyaml"],
                 metadata={"input_layout": layout}, tags=tags or {},

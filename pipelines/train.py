@@ -251,7 +251,7 @@ def log_pytorch_model(params: Params, model_path: Path, uri: str, run_id: str, m
     data = build_data(params, ckpt["modalities"])
     item = next(split for split in (data.test, data.val, data.train_eval) if len(split))[0]
     example = {m: item[m][None] for m in ckpt["modalities"]}
-    return mlflow_model.log_model(uri, run_id, predictor, example, ckpt["num_classes"],
+    return mlflow_model.log_model(uri, run_id, predictor, example, ckpt["num_classes"], name=model_id,
                                   tags={"model": model_id, "method": ckpt["method"], "dataset": params.dataset_name})
 
 
