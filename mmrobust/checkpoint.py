@@ -76,6 +76,16 @@ def model_file(state: dict, metrics: dict, **extra) -> dict:
     return {**{k: v for k, v in state.items() if k not in TRAINING_ONLY}, "metrics": metrics, **extra}
 
 
+def encoder_state(ckpt: dict, modality: str) -> dict:
+    """The state dict of one trained encoder, keys as the encoder names them (what `load_imagenet_state_dict`
+    reads: the pretrain stage's output)."""
+    prefix = f"encoders.{modality}."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"checkpoint of {ckpt.get('modalities')} has no {modality!r} encoder")
+    return state
+
+
 def params_of(ckpt: dict, where: str | Path = "checkpoint") -> Params:
     return parse_params(ckpt["config"], f"{where}:config")
 

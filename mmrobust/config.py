@@ -296,6 +296,18 @@ class ModelEntry(_Strict):
     overrides: dict[str, dict] = {}
 
 
+# ---------------------------------------------------------------- pretrain (uni-modal encoders)
+PRETRAIN_STAGE = "pretrain"  # a `train.model.pretrained` value: the pretrain stage's encoder of that modality
+
+
+class PretrainCfg(_Strict):
+    """The pretrain stage: for every modality that a model loads as `pretrained: {<modality>: pretrain}`, a
+    uni-modal JT (`train` settings, one modality) on the training split (selected on val; the test split is never
+    seen), whose encoder becomes `<out_dir>/<dataset>/<modality>.pt` (torchvision-format state dict)."""
+    out_dir: str = "pretrain"
+    epochs: int = Field(8, ge=1, le=10000)
+
+
 # ---------------------------------------------------------------- tune (Ray Tune over a method's params)
 class SearchDim(_Strict):
     """One searched parameter: loguniform/uniform on [low, high], randint on [low, high), or one of `values`."""
@@ -605,6 +617,9 @@ class Params(_Strict):
     tune: TuneCfg = TuneCfg()
     # Trained with the tune stage's best params (tune.out_dir/best_params.yaml) under their own overrides.
     tuned_models: dict[str, ModelEntry] = {}
+    pretrain: PretrainCfg = PretrainCfg()
+    # Models whose `train.model.pretrained` names the pretrain stage's encoders (train-pretrained stage).
+    pretrained_models: dict[str, ModelEntry] = {}
     evaluate: EvaluateCfg = EvaluateCfg()
     vl: VLCfg = VLCfg()
     _dataset: Optional[str] = PrivateAttr(None)  # set by for_dataset
@@ -627,7 +642,8 @@ class Params(_Strict):
     def for_dataset(self, name: str | None = None) -> "Params":
         """The params of one dataset: data.dataset/root from its entry, its overrides merged, and every
         output folder one level deeper: <data.out_dir>/<id>, <extract.out_dir>/<id>, <train.out_dir>/<id>,
-        <tune.out_dir>/<id>, <evaluate.out_dir>/datasets/<id>. `name` None: the only configured dataset."""
+        <tune.out_dir>/<id>, <pretrain.out_dir>/<id>, <evaluate.out_dir>/datasets/<id>. `name` None: the only
+        configured dataset."""
         if self._dataset is not None:
             if name in (None, self._dataset):
                 return self
@@ -642,7 +658,7 @@ class Params(_Strict):
         entry = self.datasets[name]
         raw = deep_merge(self.model_dump(mode="json"), entry.overrides)
         raw["data"].update(dataset=entry.dataset, root=entry.root, out_dir=_join(self.data.out_dir, name))
-        for group in ("extract", "train", "tune"):
+        for group in ("extract", "train", "tune", "pretrain"):
             raw[group]["out_dir"] = _join(getattr(self, group).out_dir, name)
         raw["evaluate"]["out_dir"] = _join(self.evaluate.out_dir, "datasets", name)
         params = parse_params(raw, f"datasets.{name}.overrides")
@@ -656,19 +672,21 @@ class Params(_Strict):
         raw = self.model_dump(mode="json")
         del raw["data"]["dataset"], raw["data"]["root"]
         if self._dataset is not None:
-            for group in ("data", "extract", "train", "tune"):
+            for group in ("data", "extract", "train", "tune", "pretrain"):
                 raw[group]["out_dir"] = Path(raw[group]["out_dir"]).parent.as_posix()
             raw["evaluate"]["out_dir"] = Path(raw["evaluate"]["out_dir"]).parents[1].as_posix()
         return raw
 
     @property
     def all_models(self) -> dict[str, ModelEntry]:
-        return {**self.models, **self.tuned_models}
+        return {**self.models, **self.tuned_models, **self.pretrained_models}
 
     def for_model(self, model_id: str, best_params: str | Path | None = None) -> "Params":
         """The params one model trains with: (tuned models: the best params, then) its overrides, train.method set."""
         if model_id not in self.all_models:
             raise ConfigError(f"models.{model_id}: no such model; configured: {sorted(self.all_models)}")
+        if model_id in self.pretrained_models:
+            return self.for_entry(self.pretrained_models[model_id], f"pretrained_models.{model_id}")
         if model_id not in self.tuned_models:
             return self.for_entry(self.models[model_id], f"models.{model_id}")
         path = Path(best_params or self.tune.best_params_file)
@@ -685,9 +703,25 @@ class Params(_Strict):
         for layer in (under, entry.overrides, over):
             raw = deep_merge(raw, layer or {})
         raw["train"]["method"] = entry.method
+        pretrained = raw["train"]["model"]["pretrained"]
+        for m, path in pretrained.items():
+            if path == PRETRAIN_STAGE:
+                pretrained[m] = _join(raw["pretrain"]["out_dir"], f"{m}.pt")
         params = parse_params(raw, f"{where}.overrides")
         params._dataset = self._dataset
         return params
+
+    def pretrain_named(self) -> set[str]:
+        """The modalities that some model (or `train` itself) loads from the pretrain stage."""
+        named = {m for entry in self.all_models.values()
+                 for m, path in entry.overrides.get("train", {}).get("model", {}).get("pretrained", {}).items()
+                 if path == PRETRAIN_STAGE}
+        return named | {m for m, path in self.train.model.pretrained.items() if path == PRETRAIN_STAGE}
+
+    def pretrain_modalities(self) -> list[str]:
+        """`pretrain_named` in extraction order: what the pretrain stage trains."""
+        named = self.pretrain_named()
+        return [m for m in self.extract.modalities if m in named]
 
     def method_params(self, key: str):
         return getattr(self, key)
@@ -724,6 +758,7 @@ def _check_methods(params: Params) -> list[str]:
         errors.append(f"  train.method: got {params.train.method!r}; allowed values: {sorted(catalog.PARAMS_KEYS)}")
     entries = [(f"models.{k}", e) for k, e in params.models.items()]
     entries += [(f"tuned_models.{k}", e) for k, e in params.tuned_models.items()] + [("tune.base", params.tune.base)]
+    entries += [(f"pretrained_models.{k}", e) for k, e in params.pretrained_models.items()]
     for where, entry in entries:
         if entry.method not in catalog.PARAMS_KEYS:
             errors.append(f"  {where}.method: got {entry.method!r}; allowed values: {sorted(catalog.PARAMS_KEYS)}")
@@ -734,6 +769,17 @@ def _check_methods(params: Params) -> list[str]:
     errors += _check_datasets(params)
     for mid in sorted(set(params.models) & set(params.tuned_models)):
         errors.append(f"  tuned_models.{mid}: the id is also in models; ids must be unique")
+    for mid in sorted((set(params.models) | set(params.tuned_models)) & set(params.pretrained_models)):
+        errors.append(f"  pretrained_models.{mid}: the id is also in models or tuned_models; ids must be unique")
+    for mid, entry in params.pretrained_models.items():
+        named = entry.overrides.get("train", {}).get("model", {}).get("pretrained", {})
+        if PRETRAIN_STAGE not in named.values() and PRETRAIN_STAGE not in params.train.model.pretrained.values():
+            errors.append(f"  pretrained_models.{mid}: loads no encoder of the pretrain stage; set "
+                          f"overrides.train.model.pretrained.<modality>: {PRETRAIN_STAGE} (or list it in models)")
+    unknown = sorted(m for m in params.pretrain_named() if m not in params.extract.modalities)
+    if unknown:
+        errors.append(f"  train.model.pretrained: {unknown} named '{PRETRAIN_STAGE}' but not extracted "
+                      f"(extract.modalities: {params.extract.modalities})")
     groups = {params.tune.base.group, "train"}
     for key in params.tune.space:
         group, _, field = key.partition(".")
@@ -788,7 +834,8 @@ def parse_params(raw: dict | None, source: str = "params") -> Params:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def read_yaml(path: str | Path) -> dict:
+    """A params file's mapping (empty file: {}); a missing, malformed or misplaced-key file names itself."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found")
@@ -802,4 +849,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if placed:
         raise ConfigError(f"{path}: data.{placed[0]}: datasets are listed under `datasets:` "
                           f"(e.g. datasets: {{ks: {{dataset: ks, root: /data/kinetics-sounds}}}})")
-    return parse_params(raw, str(path))
+    return raw or {}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_yaml(path), str(Path(path)))

@@ -144,7 +144,7 @@ def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, 
     t7 = [_col("clean")] + [_col(a, eps=e) for a, e in noise]
     written.append(_write_table(out, "T7", "multimodal Gaussian noise (MGN, sigma), pixel masking (MPM, p) and "
                                 "embedding attack (MEA, eps)", *pivot(rows, main, t7)))
-    written += _architecture_tables(rows, out, models, archs, base, t1, uni, missing, mods, uni_eps)
+    written += _architecture_tables(rows, out, models, archs, t1, uni, missing, uni_eps)
     t10 = t1 + missing
     written.append(_write_table(out, "T10", "uni-modal ensemble / multi-task baselines vs CRMT-JT",
                                 *pivot(rows, [m for m in T10_MODELS if m in in_base], t10)))
@@ -255,26 +255,36 @@ def _certified_tables(rows, out, models, mods) -> list[Path | None]:
     return written
 
 
-def _architecture_tables(rows, out, models, archs, base, t1, uni, missing, mods, uni_eps) -> list[Path | None]:
-    """T3 (MMT), T4 (other backbones), T5 (MMTM), T6 (pretrained), T8 (three or more modalities), each listing
-    the models whose params put them there, JT-style before CRMT within a table."""
-    labels = {m: a.describe() for m, a in archs.items()}
+ARCH_TABLES = {"T3": lambda a, base: a.fusion == "mmt",
+               "T4": lambda a, base: (a.fusion == "late" and not a.pretrained and base is not None
+                                      and a.encoders != base.encoders and a.modalities == base.modalities),
+               "T5": lambda a, base: a.fusion == "mmtm",
+               "T6": lambda a, base: bool(a.pretrained),
+               "T8": lambda a, base: len(a.modalities) >= 3}
+
+
+def architecture_groups(models: dict[str, str], archs: dict[str, Arch]) -> dict[str, list[str]]:
+    """{T3/T4/T5/T6/T8: the models whose architecture puts them there}, JT-style before CRMT within a table."""
+    base = base_arch(archs)
 
     def pick(test) -> list[str]:
-        chosen = [m for m in models if m in archs and test(archs[m])]
+        chosen = [m for m in models if m in archs and test(archs[m], base)]
         return sorted(chosen, key=lambda m: (archs[m].describe(), models[m].startswith("crmt"), m))
+    return {tid: pick(test) for tid, test in ARCH_TABLES.items()}
 
-    other_backbone = (lambda a: a.fusion == "late" and not a.pretrained and base is not None
-                      and a.encoders != base.encoders and a.modalities == base.modalities)
+
+def _architecture_tables(rows, out, models, archs, t1, uni, missing, uni_eps) -> list[Path | None]:
+    """T3 (MMT), T4 (other backbones), T5 (MMTM), T6 (pretrained), T8 (three or more modalities)."""
+    labels = {m: a.describe() for m, a in archs.items()}
+    groups = architecture_groups(models, archs)
     t3 = [*t1, *uni]
     specs = [("T3", "MMT (intermediate-fusion transformer) vs CRMT-MMT, joint and uni-modal attacks "
-              f"(uni-modal eps {uni_eps:g})", pick(lambda a: a.fusion == "mmt"), t3),
-             ("T4", "backbones: JT vs CRMT-JT with other encoders", pick(other_backbone), [t1[0], *missing, *t1[1:]]),
-             ("T5", "MMTM (intermediate fusion) vs CRMT-MMTM", pick(lambda a: a.fusion == "mmtm"), t3),
-             ("T6", "pretrained encoders: baseline vs CRMT", pick(lambda a: bool(a.pretrained)), t3),
+              f"(uni-modal eps {uni_eps:g})", groups["T3"], t3),
+             ("T4", "backbones: JT vs CRMT-JT with other encoders", groups["T4"], [t1[0], *missing, *t1[1:]]),
+             ("T5", "MMTM (intermediate fusion) vs CRMT-MMTM", groups["T5"], t3),
+             ("T6", "pretrained encoders: baseline vs CRMT", groups["T6"], t3),
              ("T8", "three or more modalities (e.g. UCF101 RGB + flow + frame difference), from scratch and "
-              "pretrained", pick(lambda a: len(a.modalities) >= 3),
-              [*t1, *[c for c in uni if c.title.startswith("PGD")], *missing])]
+              "pretrained", groups["T8"], [*t1, *[c for c in uni if c.title.startswith("PGD")], *missing])]
     return [_write_table(out, tid, title, *pivot(rows, chosen, cols, labels)) for tid, title, chosen, cols in specs]
 
 

@@ -38,6 +38,7 @@ def absolute_paths(params: Params, base: Path) -> Params:
     p.extract.out_dir = str((base / p.extract.out_dir).resolve())
     p.train.storage_dir = str((base / p.train.storage_dir).resolve())
     p.tune.out_dir = str((base / p.tune.out_dir).resolve())
+    p.pretrain.out_dir = str((base / p.pretrain.out_dir).resolve())
     p.train.model.pretrained = {m: str((base / f).resolve()) for m, f in p.train.model.pretrained.items()}
     p.vl.tasks_dir = str((base / p.vl.tasks_dir).resolve())
     for cfg in (p.vl.train, p.vl.pretrain.train):
@@ -150,9 +151,10 @@ def torch_trainer(params: Params, name: str, loop_config: dict, storage_dir: str
 
 
 def open_run(params: Params, method: str, out_dir: str | Path, base: Path = Path("."),
-             model_id: str | None = None, family: str = "av") -> tuple[str, str, str]:
+             model_id: str | None = None, family: str = "av", stage: str | None = None) -> tuple[str, str, str]:
     """The MLflow run of this training: (tracking uri, experiment id, run id). A run interrupted as a whole is
-    resumed under the same run id (its id waits in a file beside the output folder until the run finishes)."""
+    resumed under the same run id (its id waits in a file beside the output folder until the run finishes).
+    `stage`: the DVC stage it runs in when not the model's own train stage."""
     params = absolute_paths(params, base)
     uri = tracking.resolve_uri(params.tracking.uri, base)
     c = tracking.client(uri)
@@ -173,7 +175,9 @@ def open_run(params: Params, method: str, out_dir: str | Path, base: Path = Path
     else:
         tags = {"family": "av", "method": method, "model_id": label, "dataset": params.dataset_name,
                 "model": f"{cfg.model.encoder}-w{cfg.model.width}"}
-        stage = f"{'train-tuned' if label in params.tuned_models else 'train'}@{params.dataset_name}-{label}"
+        group = ("train-tuned" if label in params.tuned_models else
+                 "train-pretrained" if label in params.pretrained_models else "train")
+        stage = stage or f"{group}@{params.dataset_name}-{label}"
         folder = Path(params.data.out_dir)
         data_files = [folder / "clips.csv"]
         rows = len(data_files[0].read_text().splitlines()) - 1 if data_files[0].exists() else None
@@ -193,7 +197,7 @@ def _run_file(out_dir: Path) -> Path:
 
 def train_method(params: Params, method: str, out_dir: str | Path, base: Path = Path("."),
                  fail_at_epoch: int | None = None, model_id: str | None = None, log=print,
-                 run: Future | None = None, family: str = "av") -> dict:
+                 run: Future | None = None, family: str = "av", stage: str | None = None) -> dict:
     """Train one model with Ray Train; `run`: `open_run`'s result when the caller started it already (the
     stage CLI opens the MLflow run while it connects to Ray). `family` "vl": a CLIP method of mmrobust.vl
     (vl.train settings), saved as a CLIP folder instead of model.pt."""
@@ -202,7 +206,7 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     from mmrobust import checkpoint
 
     uri, exp, run_id = (run.result() if run is not None
-                        else open_run(params, method, out_dir, base, model_id, family))
+                        else open_run(params, method, out_dir, base, model_id, family, stage))
     params = absolute_paths(params, base)
     cfg = params.vl.train_for(method) if family == "vl" else params.train
     name = run_name(method, params)

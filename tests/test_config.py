@@ -188,3 +188,27 @@ def test_expanded_presets_load_back_and_dvc_reads_them(preset_file, tmp_path):
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
     dag = subprocess.run([sys.executable, "-m", "dvc", "dag"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert dag.returncode == 0 and "vl-evaluate" in dag.stdout, dag.stderr
+
+
+def test_pretrained_models_name_the_pretrain_stage_per_dataset():
+    """`pretrained: {visual: pretrain}` resolves to <pretrain.out_dir>/<dataset>/visual.pt for the dataset at hand;
+    the pretrain stage trains exactly the named modalities, in extraction order; an entry that names none, an
+    unextracted modality (for any dataset), or an id used twice is an error naming the key."""
+    pre = {"method": "jt", "group": "train", "overrides": {"train": {"model": {"pretrained": {"flow": "pretrain",
+                                                                                              "visual": "pretrain"}}}}}
+    params = parse_params({**TWO, "pretrained_models": {"jt_pre": pre}})
+    syn = params.for_dataset("syn")
+    assert syn.pretrain.out_dir == "pretrain/syn" and syn.pretrain_modalities() == ["visual", "flow"]
+    assert syn.for_model("jt_pre").train.model.pretrained == {"flow": "pretrain/syn/flow.pt",
+                                                              "visual": "pretrain/syn/visual.pt"}
+    assert params.for_dataset("ucf").for_model("jt_pre").train.model.pretrained["visual"] == "pretrain/ucf/visual.pt"
+    assert syn.for_model("jt").train.model.pretrained == {} and "jt_pre" in syn.all_models
+    assert parse_params(syn.as_file_dict()).for_dataset("syn").pretrain.out_dir == "pretrain/syn"
+    bad = [({"jt_pre": {"method": "jt", "group": "train"}}, "pretrained_models.jt_pre: loads no encoder"),
+           ({"jt": pre}, "pretrained_models.jt: the id is also in models"),
+           ({"p": {**pre, "overrides": {"train": {"model": {"pretrained": {"diff": "pretrain"}}}}}},
+            "['diff'] named 'pretrain' but not extracted")]
+    for models, fragment in bad:
+        with pytest.raises(ConfigError) as err:
+            parse_params({**TWO, "pretrained_models": models})
+        assert fragment in str(err.value)

@@ -45,6 +45,9 @@ VL_STAGES = {"vl-generate", "vl-ingest", "vl-pretrain", "vl-train@zeroshot", "vl
 # one model per params group: CRMT's and the tuned JT's (the search and the tuned model depend on `train`)
 MODELS = {"crmt_jt": {"method": "crmt_jt", "group": "crmt"}}
 TUNED = {"jt_tuned": {"method": "jt", "group": "train"}}
+# a JT whose visual encoder comes from the pretrain stage (T6)
+PRETRAINED = {"jt_pre": {"method": "jt", "group": "train",
+                         "overrides": {"train": {"model": {"pretrained": {"visual": "pretrain"}}}}}}
 
 
 def _run(args, cwd, check=True, env: dict | None = None):
@@ -79,6 +82,7 @@ def repo(tmp_path_factory):
     _set_params(repo, TINY)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["models"], params["tuned_models"] = MODELS, TUNED  # replace the default lists
+    params["pretrained_models"], params["pretrain"]["epochs"] = PRETRAINED, 1
     del params["tune"]["space"]["crmt.rho"], params["tune"]["space"]["crmt.iterations"]
     del params["tune"]["space"]["crmt.step2_epochs"], params["tune"]["space"]["crmt.step2_lr"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -121,11 +125,12 @@ DATA_STAGES = {"generate", "plan", f"ingest@{SYN}", f"extract-frames@{SYN}-visua
 def test_repro_outputs_noop_and_partial_rerun(repo, request):
     first = _repro(repo)
     assert _ran(first.stdout) == DATA_STAGES | VL_STAGES | {
-        f"train@{SYN}-crmt_jt", f"tune@{SYN}", f"train-tuned@{SYN}-jt_tuned", f"evaluate@{SYN}", "tables"}, first.stdout
+        f"train@{SYN}-crmt_jt", f"tune@{SYN}", f"train-tuned@{SYN}-jt_tuned", f"pretrain@{SYN}",
+        f"train-pretrained@{SYN}-jt_pre", f"evaluate@{SYN}", "tables"}, first.stdout
     # every training stage ran in local_cluster's warm driver (one process), the search in its own
     drivers = {line.split("warm driver pid ")[1].split(":")[0] for line in first.stdout.splitlines()
                if "(warm driver pid " in line}
-    assert len(drivers) == 1 and first.stdout.count("(warm driver pid ") == 6, first.stdout
+    assert len(drivers) == 1 and first.stdout.count("(warm driver pid ") == 8, first.stdout
     visual = np.load(repo / f"data/features/{SYN}/visual/data.npy", mmap_mode="r")
     audio = np.load(repo / f"data/features/{SYN}/audio/data.npy", mmap_mode="r")
     clips = read_csv(repo / f"data/manifest/{SYN}/clips.csv")
@@ -133,8 +138,17 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
     assert {c["split"] for c in clips} == {"train", "val", "test"} and len(clips) == 15
     assert read_csv(repo / f"data/features/{SYN}/visual/rejected.csv") == []
     # training and evaluation outputs: models, tables, figures, metrics, and the runs in MLflow
-    for m in [*MODELS, *TUNED]:
+    for m in [*MODELS, *TUNED, *PRETRAINED]:
         assert (repo / "models" / SYN / m / "model.pt").exists()
+    # the pretrained model started from the pretrain stage's uni-modal encoder, and lands in T6
+    import torch
+    encoder = torch.load(repo / f"pretrain/{SYN}/visual.pt", weights_only=True)
+    uni = torch.load(repo / f"pretrain/{SYN}/pretrain_visual/model.pt", weights_only=True)
+    assert uni["modalities"] == ["visual"] and encoder.keys() and all(
+        torch.equal(v, uni["model"][f"encoders.visual.{k}"]) for k, v in encoder.items())
+    pre = torch.load(repo / f"models/{SYN}/jt_pre/model.pt", weights_only=True)
+    assert pre["config"]["train"]["model"]["pretrained"]["visual"].endswith(f"pretrain/{SYN}/visual.pt")
+    assert "| jt_pre |" in (repo / f"results/datasets/{SYN}/tables/T6.md").read_text()
     best = yaml.safe_load((repo / f"tune/{SYN}/best_params.yaml").read_text())
     assert 0.001 <= best["train"]["lr"] <= 0.1
     from mmrobust import checkpoint
@@ -144,7 +158,7 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
     t1 = (own / "tables/T1.md").read_text()
     assert "| jt_tuned |" in t1 and "| crmt_jt |" in t1
     metrics = json.loads((own / "metrics.json").read_text())
-    assert set(metrics) == set(MODELS) | set(TUNED) and all(0 <= v["pgd"] <= v["clean"] for v in metrics.values())
+    assert set(metrics) == set(MODELS) | set(TUNED) | set(PRETRAINED) and all(0 <= v["pgd"] <= v["clean"] for v in metrics.values())
     assert (own / "figures/F5.png").stat().st_size > 1000 and (own / "README.md").exists()
     # the curves as DVC plots: `dvc plots show` reads the same accuracies, one line per series
     shown = json.loads(_dvc(repo, "plots", "show", "--json").stdout)["data"]
@@ -169,8 +183,9 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
     assert repro.info.status == "FINISHED"
     assert all(r.data.tags["mlflow.source.name"].startswith("dvc stage ") for r in trained)
     assert all(r.inputs.dataset_inputs[0].dataset.name == SYN for r in trained)
-    assert {r.info.run_name for r in trained} == {f"{m}@{SYN}" for m in [*MODELS, *TUNED]}
-    assert all("eval_clean" in r.data.metrics and r.data.tags["dataset"] == SYN for r in trained)
+    assert {r.info.run_name for r in trained} == {f"{m}@{SYN}" for m in [*MODELS, *TUNED, *PRETRAINED, "pretrain_visual"]}
+    assert all("eval_clean" in r.data.metrics and r.data.tags["dataset"] == SYN for r in trained
+               if r.info.run_name != f"pretrain_visual@{SYN}")
     assert sum("tune_trial" in r.data.tags for r in runs) == 2  # each search's child run (AV and VL)
     # each trained model is an MLflow model of its run; the best CRMT model of the dataset is registered
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
@@ -228,7 +243,7 @@ def test_second_dataset_user_ks_folder_with_broken_clip(repo, cluster, tmp_path)
     shutil.copy(repo / f"data/{SYN}/test.txt", user / "test.txt")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["datasets"]["my_ks"] = {"dataset": "ks", "root": str(user)}
-    params["tuned_models"] = {}  # no search on the new dataset: keep it short
+    params["tuned_models"] = params["pretrained_models"] = {}  # no search, no pretraining: keep it short
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = _ran(_repro(repo, cluster=cluster).stdout)
     mine = {"ingest@my_ks", "extract-frames@my_ks-visual", "extract-audio@my_ks-audio", "train@my_ks-crmt_jt",

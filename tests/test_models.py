@@ -231,3 +231,37 @@ def test_load_imagenet_state_dict(tmp_path):
     torch.save({k: v for k, v in sd.items() if not k.startswith("layer4")}, path)
     with pytest.raises(ValueError, match="layer4"):
         load_imagenet_state_dict(ResNet([2, 2, 2, 2], 3, 64), path)
+
+
+def test_full_preset_configures_every_table(tmp_path):
+    """configs/full.yaml over params.yaml: T3, T4, T5, T6 and T8 each get a JT-style and a CRMT model, T1 keeps
+    the default's models, and every model builds and predicts on inputs of its modalities."""
+    from pathlib import Path
+
+    from mmrobust import checkpoint
+    from mmrobust.config import load_params
+    from mmrobust.models import IN_CHANNELS
+    from mmrobust.tables import arch_of, architecture_groups, base_arch
+    from stages.preset import main as preset_main
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "params.yaml"
+    assert preset_main([str(root / "configs/full.yaml"), "--base", str(root / "params.yaml"), "--out", str(out)]) == 0
+    params = load_params(out).for_dataset("synthetic")
+    default = load_params(root / "params.yaml")
+    assert set(default.models) < set(params.models) and params.pretrain_modalities() == ["visual", "audio"]
+    methods, archs = {}, {}
+    for mid in [*params.models, *params.pretrained_models]:
+        p = params.for_model(mid)
+        methods[mid], archs[mid] = p.train.method, arch_of(p)
+        model, _ = checkpoint.build(p, p.train.method, 3, p.modalities)
+        x = {m: torch.randn(2, 1, 32, 40) if m == "audio" else torch.rand(2, 2, IN_CHANNELS[m], 32, 32)
+             for m in p.modalities}
+        with torch.no_grad():
+            assert model.eval()(x).logits.shape == (2, 3), mid
+    groups = architecture_groups(methods, archs)
+    for tid in ("T3", "T4", "T5", "T6", "T8"):
+        kinds = {methods[m].startswith("crmt") for m in groups[tid]}
+        assert kinds == {False, True}, (tid, groups[tid])
+    base = base_arch(archs)
+    assert all(archs[m] == base for m in default.models)  # the default's models stay T1's

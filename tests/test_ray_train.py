@@ -52,3 +52,4 @@ def test_two_workers_survive_a_killed_worker_and_checkpoint_reloads(ray_cluster,
         torch.testing.assert_close(model(model.flatten(x)), predictor(x))
     # a finished run leaves no Ray run folder behind, so the next run with the same params starts fresh
     assert not (tmp_path / "ray" / run_name("crmt_jt", params)).exists()
+
