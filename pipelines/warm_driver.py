@@ -23,7 +23,7 @@ import sys
 import threading
 
 ENV_VAR = "MMROBUST_WARM_DRIVER"
-MODULES = ("pipelines.train", "pipelines.train_vl")  # entrypoints a client may run here
+MODULES = ("pipelines.train", "pipelines.train_vl", "pipelines.pretrain")  # entrypoints a client may run here
 _HEADER = struct.Struct(">cI")  # frame: kind (o stdout, e stderr, x exit status, r request) + payload length
 
 
