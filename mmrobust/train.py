@@ -166,8 +166,17 @@ class Trainer:
             self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
         else:
             self.opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
-        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, cfg.lr_step, cfg.lr_gamma) if phase.scheduler else None
+        done = self.schedule_offset(phase)
+        self.sched = (torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda e: cfg.lr_gamma ** ((e + done) // cfg.lr_step)) if phase.scheduler else None)
         self._opt_phase = phase.name
+
+    def schedule_offset(self, phase: Phase) -> int:
+        """Epochs already trained in earlier phases that share `phase.schedule` (0 without one)."""
+        if phase.schedule is None:
+            return 0
+        first = next(i for i, (ph, _) in enumerate(self.schedule) if ph is phase)
+        return sum(1 for ph, _ in self.schedule[:first] if ph.schedule == phase.schedule)
 
     def run_epoch(self, epoch: int) -> dict:
         phase, phase_epoch = self.schedule[epoch]

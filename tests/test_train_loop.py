@@ -80,3 +80,24 @@ def test_model_file_round_trip_rebuilds_the_same_predictor(tmp_path):
     tr.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(predictor(batch), tr.method.predict(tr.model, batch))
+
+
+def test_repeated_step1_phases_share_one_lr_decay():
+    """CRMT with 2 iterations of an 8-epoch step-1 budget and lr_step 6: step-1 epochs 0-5 at lr, 6-7 (the second
+    phase's last two) at lr*gamma, as one 8-epoch phase would; step 2 keeps its own constant lr."""
+    tr = make_trainer(crmt={"step2_epochs": 1, "iterations": 2, "step2_lr": 0.005},
+                      train={"method": "crmt_jt", "epochs": 8, "batch_size": 8, "model": {"width": 4},
+                             "lr": 0.02, "lr_step": 6, "lr_gamma": 0.1})
+    lrs = []
+    for epoch in range(tr.epochs):
+        phase, _ = tr.schedule[epoch]
+        if tr._opt_phase != phase.name:
+            tr._start_phase(phase)
+        lrs.append((phase.name, tr.opt.param_groups[0]["lr"]))
+        if tr.sched is not None:
+            tr.opt.step()
+            tr.sched.step()
+    assert [n for n, _ in lrs] == ["step1.0"] * 4 + ["step2.0"] + ["step1.1"] * 4 + ["step2.1"]
+    step1 = [lr for n, lr in lrs if n.startswith("step1")]
+    assert step1 == pytest.approx([0.02] * 6 + [0.002] * 2)
+    assert [lr for n, lr in lrs if n.startswith("step2")] == pytest.approx([0.005, 0.005])

@@ -34,7 +34,10 @@ class Phase:
     lr: float | None = None              # None: train.lr, etc.
     momentum: float | None = None
     weight_decay: float | None = None
-    scheduler: bool = True               # StepLR over this phase's epochs
+    scheduler: bool = True               # step decay of the lr (train.lr_step, lr_gamma)
+    # phases with the same `schedule` share one step decay, counted over their epochs together (CRMT's
+    # repeated step 1: N phases of a split budget decay where one phase of the whole budget would); None: own
+    schedule: str | None = None
 
 
 @dataclass

@@ -47,7 +47,7 @@ class CRMTJT(Method):
     def phases(self):
         out = []
         for i, n in enumerate(split_epochs(self.cfg.epochs, self.p.iterations)):
-            out.append(Phase(f"step1.{i}", n))
+            out.append(Phase(f"step1.{i}", n, schedule="step1"))
             if self.use_step2 and self.p.step2_epochs:
                 # reference_compat reproduces defect 3: step 2 in train mode (BatchNorm statistics drift)
                 out.append(Phase(f"step2.{i}", self.p.step2_epochs, train_mode=self.p.reference_compat,
