@@ -712,11 +712,9 @@ class Params(_Strict):
         return params
 
     def pretrain_named(self) -> set[str]:
-        """The modalities that some model (or `train` itself) loads from the pretrain stage."""
-        named = {m for entry in self.all_models.values()
-                 for m, path in entry.overrides.get("train", {}).get("model", {}).get("pretrained", {}).items()
-                 if path == PRETRAIN_STAGE}
-        return named | {m for m, path in self.train.model.pretrained.items() if path == PRETRAIN_STAGE}
+        """The modalities that some entry of `pretrained_models` loads from the pretrain stage."""
+        return {m for entry in self.pretrained_models.values() for m, path in _pretrained_of(entry).items()
+                if path == PRETRAIN_STAGE}
 
     def pretrain_modalities(self) -> list[str]:
         """`pretrain_named` in extraction order: what the pretrain stage trains."""
@@ -772,10 +770,22 @@ def _check_methods(params: Params) -> list[str]:
     for mid in sorted((set(params.models) | set(params.tuned_models)) & set(params.pretrained_models)):
         errors.append(f"  pretrained_models.{mid}: the id is also in models or tuned_models; ids must be unique")
     for mid, entry in params.pretrained_models.items():
-        named = entry.overrides.get("train", {}).get("model", {}).get("pretrained", {})
-        if PRETRAIN_STAGE not in named.values() and PRETRAIN_STAGE not in params.train.model.pretrained.values():
+        if PRETRAIN_STAGE not in _pretrained_of(entry).values():
             errors.append(f"  pretrained_models.{mid}: loads no encoder of the pretrain stage; set "
                           f"overrides.train.model.pretrained.<modality>: {PRETRAIN_STAGE} (or list it in models)")
+        model = entry.overrides.get("train", {}).get("model", {})
+        changed = [k for k in ("encoder", "width") if k in model and model[k] != getattr(params.train.model, k)]
+        if changed:
+            errors.append(f"  pretrained_models.{mid}.overrides.train.model: {changed} differ from train.model, "
+                          f"with which the pretrain stage trains the encoders it loads")
+    # only the train-pretrained stage runs after the pretrain stage (DVC orders stages by their deps)
+    elsewhere = [f"models.{k}" for k, e in params.models.items() if PRETRAIN_STAGE in _pretrained_of(e).values()]
+    elsewhere += [f"tuned_models.{k}" for k, e in params.tuned_models.items()
+                  if PRETRAIN_STAGE in _pretrained_of(e).values()]
+    elsewhere += ["train.model.pretrained"] * (PRETRAIN_STAGE in params.train.model.pretrained.values())
+    for where in elsewhere:
+        errors.append(f"  {where}: loads '{PRETRAIN_STAGE}' encoders; only pretrained_models entries may "
+                      f"(their stage runs after the pretrain stage)")
     unknown = sorted(m for m in params.pretrain_named() if m not in params.extract.modalities)
     if unknown:
         errors.append(f"  train.model.pretrained: {unknown} named '{PRETRAIN_STAGE}' but not extracted "
@@ -788,6 +798,10 @@ def _check_methods(params: Params) -> list[str]:
             errors.append(f"  tune.space.{key}: not a key of the searched groups {sorted(groups)} "
                           f"(write <group>.<key>, e.g. crmt.rho)")
     return errors
+
+
+def _pretrained_of(entry: ModelEntry) -> dict:
+    return entry.overrides.get("train", {}).get("model", {}).get("pretrained", {})
 
 
 def _check_datasets(params: Params) -> list[str]:

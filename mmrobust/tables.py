@@ -128,8 +128,7 @@ def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, 
         robust.append(WORST)
     mods = modalities_of(rows)
     archs = archs or {}
-    base = base_arch(archs)
-    in_base = [m for m in models if m not in archs or archs[m] == base]
+    in_base = in_base_arch(models, archs)
     main = [m for m in T1_MODELS if m in in_base] + _others({m: models[m] for m in in_base}, T1_MODELS)
     written = []
     t1 = [_col("clean")] + [_col(a, eps=joint_eps) for a in robust]
@@ -148,7 +147,7 @@ def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, 
     t10 = t1 + missing
     written.append(_write_table(out, "T10", "uni-modal ensemble / multi-task baselines vs CRMT-JT",
                                 *pivot(rows, [m for m in T10_MODELS if m in in_base], t10)))
-    iters = [m for m, method in models.items() if method == "crmt_jt" and m in in_base]
+    iters = t11_models(models, in_base)
     grid = sorted({float(r["eps"]) for r in rows if r["attack"] == "fgm" and r["modality"] == "all"})
     t11 = [_col("clean", title="0")] + [_col("fgm", eps=e, title=f"{e:g}") for e in grid]
     written.append(_write_table(out, "T11", "CRMT iterations vs joint FGM attack size", *pivot(rows, iters, t11),
@@ -299,7 +298,20 @@ def curve(rows: list[dict], model: str, attack: str, modality: str) -> list[tupl
     return sorted(pts)
 
 
-def curve_series(rows: list[dict], models: dict[str, str]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+def t11_models(models: dict[str, str], in_base: list[str]) -> list[str]:
+    """T11's models: the CRMT-JT variants (iterations) of the base architecture."""
+    return [m for m, method in models.items() if method == "crmt_jt" and m in in_base]
+
+
+def in_base_arch(models: dict[str, str], archs: dict[str, Arch] | None) -> list[str]:
+    """The models of the base architecture (all of them when no architectures are known)."""
+    archs = archs or {}
+    base = base_arch(archs)
+    return [m for m in models if m not in archs or archs[m] == base]
+
+
+def curve_series(rows: list[dict], models: dict[str, str], archs: dict[str, Arch] | None = None
+                 ) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """The accuracy-vs-radius curves of the figures, {figure: {series: [(radius, accuracy)]}} (radius 0 = clean):
     F1_F4 uni-modal PGD per attacked modality of the models measured on the uni-modal grid, F5 joint PGD of the
     ablation, T11 joint FGM of the CRMT-JT iteration variants."""
@@ -310,17 +322,18 @@ def curve_series(rows: list[dict], models: dict[str, str]) -> dict[str, dict[str
     uni = [m for m in CURVE_MODELS + _others(models, CURVE_MODELS) if m in models and on_grid(m)]
     out = {"F1_F4": {f"{model} #{m}": curve(rows, model, "pgd", m) for model in uni for m in mods},
            "F5": {model: curve(rows, model, "pgd", "all") for model in F5_MODELS if model in measured},
-           "T11": {model: curve(rows, model, "fgm", "all") for model, method in models.items()
-                   if method == "crmt_jt" and model in measured}}
+           "T11": {model: curve(rows, model, "fgm", "all") for model in t11_models(models, in_base_arch(models, archs))
+                   if model in measured}}
     return {fig: {k: pts for k, pts in series.items() if len(pts) > 1} for fig, series in out.items()}
 
 
-def write_curves(rows: list[dict], out: Path, models: dict[str, str]) -> list[Path]:
+def write_curves(rows: list[dict], out: Path, models: dict[str, str], archs: dict[str, Arch] | None = None
+                 ) -> list[Path]:
     """`curve_series` as long CSVs (series, radius, accuracy): what `dvc plots show` draws (dvc.yaml, template
     .dvc/plots/curves.json: one line per series)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for fig, series in curve_series(rows, models).items():
+    for fig, series in curve_series(rows, models, archs).items():
         if series:
             data = [{"series": k, "radius": x, "accuracy": y} for k, pts in series.items() for x, y in pts]
             write_csv(out / f"{fig}.csv", data, ["series", "radius", "accuracy"])

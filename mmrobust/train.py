@@ -279,7 +279,9 @@ class Trainer:
         if ckpt["optimizer"] is not None and ckpt["phase"] == phase.name:
             self.opt.load_state_dict(ckpt["optimizer"])
             if self.sched is not None and ckpt["scheduler"] is not None:
-                self.sched.load_state_dict(ckpt["scheduler"])
+                # a StepLR state (checkpoints before the shared schedule) carries the same epoch counter
+                lambdas = {"lr_lambdas": [None] * len(self.opt.param_groups)}
+                self.sched.load_state_dict({**lambdas, **ckpt["scheduler"]})
         self.ctx.state, self.ctx.step = ckpt["method_state"], ckpt["step"]
         self.best, self.history = ckpt["best"], ckpt["history"]
         return epoch + 1

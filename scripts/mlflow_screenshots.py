@@ -46,7 +46,7 @@ def pages(c, experiment: str) -> dict[str, tuple[str, list[str]]]:
     if exp is None:
         raise SystemExit(f"no experiment {experiment!r} in this store (run `make reproduce` first)")
     runs = [r for r in c.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=500)
-            if "method" in r.data.tags]
+            if "method" in r.data.tags and not r.data.tags.get("model_id", "").startswith("pretrain_")]
     if len(runs) < 2:
         raise SystemExit(f"experiment {experiment!r} has {len(runs)} finished training runs; 2 are needed")
     crmt = [r for r in runs if r.data.tags["method"].startswith("crmt")]
@@ -57,7 +57,8 @@ def pages(c, experiment: str) -> dict[str, tuple[str, list[str]]]:
     exps = urllib.parse.quote(json.dumps([exp.experiment_id]))
     ml = "workflowType=machine_learning"  # the UI's model-training navigation, not its GenAI one
     return {"runs": (f"#/experiments/{exp.experiment_id}/runs?{ml}", names),
-            "models": (f"#/experiments/{exp.experiment_id}/models?{ml}", [r.data.tags["method"] for r in pair]),
+            "models": (f"#/experiments/{exp.experiment_id}/models?{ml}",  # logged under the model id
+                       [f">{r.data.tags.get('model_id', r.data.tags['method'])}<" for r in pair]),
             "compare": (f"#/compare-runs?runs={ids}&experiments={exps}&{ml}", names)}
 
 

@@ -207,8 +207,16 @@ def test_pretrained_models_name_the_pretrain_stage_per_dataset():
     bad = [({"jt_pre": {"method": "jt", "group": "train"}}, "pretrained_models.jt_pre: loads no encoder"),
            ({"jt": pre}, "pretrained_models.jt: the id is also in models"),
            ({"p": {**pre, "overrides": {"train": {"model": {"pretrained": {"diff": "pretrain"}}}}}},
-            "['diff'] named 'pretrain' but not extracted")]
+            "['diff'] named 'pretrain' but not extracted"),
+           ({"p": {**pre, "overrides": {"train": {"model": {"pretrained": {"visual": "pretrain"}, "width": 64}}}}},
+            "['width'] differ from train.model"),
+           ({"p": pre, "q": {"method": "jt", "group": "train"}}, "pretrained_models.q: loads no encoder")]
     for models, fragment in bad:
         with pytest.raises(ConfigError) as err:
             parse_params({**TWO, "pretrained_models": models})
         assert fragment in str(err.value)
+    # outside pretrained_models the keyword is refused: no other train stage runs after the pretrain stage
+    with pytest.raises(ConfigError, match="models.jt2: loads 'pretrain' encoders; only pretrained_models"):
+        parse_params({**TWO, "models": {"jt2": pre}})
+    with pytest.raises(ConfigError, match="train.model.pretrained: loads 'pretrain' encoders"):
+        parse_params({**TWO, "train": {"model": {"pretrained": {"visual": "pretrain"}}}})

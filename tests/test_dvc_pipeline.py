@@ -143,7 +143,7 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
     # the pretrained model started from the pretrain stage's uni-modal encoder, and lands in T6
     import torch
     encoder = torch.load(repo / f"pretrain/{SYN}/visual.pt", weights_only=True)
-    uni = torch.load(repo / f"pretrain/{SYN}/pretrain_visual/model.pt", weights_only=True)
+    uni = torch.load(repo / f"ray_results/pretrain-{SYN}/pretrain_visual/model.pt", weights_only=True)
     assert uni["modalities"] == ["visual"] and encoder.keys() and all(
         torch.equal(v, uni["model"][f"encoders.visual.{k}"]) for k, v in encoder.items())
     pre = torch.load(repo / f"models/{SYN}/jt_pre/model.pt", weights_only=True)

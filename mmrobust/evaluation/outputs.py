@@ -47,7 +47,7 @@ def write_outputs(params: Params, ids: list[str], rows: list[dict], methods: dic
         made = tables.write_figures(rows, tmp, methods) + analysis_figures(params, ids, models_dir, tmp, log)
         figures = [out / "figures" / p.name for p in made]
     with atomic_dir(out / "plots") as tmp:  # the curves' data, for `dvc plots show`
-        tables.write_curves(rows, tmp, methods)
+        tables.write_curves(rows, tmp, methods, archs)
     with atomic_dir(out / "per_model") as tmp:
         for mid in ids:
             write_csv(tmp / f"{mid}.csv", [r for r in rows if r["model"] == mid], ROW_FIELDS)
