@@ -202,13 +202,14 @@ def _strength_table(rows: list[dict], out: Path, models: list[str], joint_eps: f
                    key=lambda a: (parse_strength(a)[1] > 1, parse_strength(a)[0]))
     if not extra:
         return None
-    chosen = [m for m in models if any(r["model"] == m and r["attack"] in extra for r in rows)]
+    flags = strength_flags(rows, joint_eps, pgd_steps)
+    # the strength models, and every other model whose APGD alone flags it (APGD runs for all models)
+    chosen = [m for m in models if m in flags or any(r["model"] == m and r["attack"] in extra for r in rows)]
     present = {r["attack"] for r in rows}
     cols = [_col("clean"), _col("pgd", eps=joint_eps, title=f"PGD-{pgd_steps}")]
     cols += [_col(a, eps=joint_eps, title=strength_title(a)) for a in extra]
     cols += [_col(a, eps=joint_eps, title=ATTACK_NAMES[a]) for a in ("apgd_ce", "apgd_dlr", WORST) if a in present]
     header, body, used = pivot(rows, chosen, cols)
-    flags = strength_flags(rows, joint_eps, pgd_steps)
     body = [row + ["; ".join(flags.get(row[0], [])) or "–"] for row in body]
     flagged = ", ".join(m for m in chosen if m in flags) or "none"
     return _write_table(out, "S", f"attack strength (joint l2, eps {joint_eps:g}) and gradient-masking flags",

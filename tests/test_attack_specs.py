@@ -129,8 +129,15 @@ def test_gradient_masking_flags_by_hand(tmp_path):
     assert set(flags) == {"falling", "apgd"}
     assert "PGD-50 3.0 points below PGD-20" in flags["falling"][0]
     assert flags["apgd"] == ["APGD-CE 6.0 points below PGD-4"]
-    write_tables(rows, tmp_path, 0.5, 1.0, {"falling": "jt", "apgd": "jt", "sound": "jt"}, pgd_steps=4)
+    # a model outside the strength runs (PGD-4 and APGD only) is listed and named when APGD flags it
+    base = dict(dataset="d", method="jt", model="plain", modality="all", eps=0.5, n=100)
+    rows += [dict(base, attack="clean", eps=0.0, accuracy=0.9), dict(base, attack="pgd", accuracy=0.5),
+             dict(base, attack="apgd_ce", accuracy=0.42)]
+    write_tables(rows, tmp_path, 0.5, 1.0, {"falling": "jt", "apgd": "jt", "sound": "jt", "plain": "jt"},
+                 pgd_steps=4)
     s = (tmp_path / "S.md").read_text().splitlines()
-    assert "Possibly gradient-masked: falling, apgd." in s[2]
+    assert "Possibly gradient-masked: falling, apgd, plain." in s[2]
+    assert any(line.startswith("| plain | 0.900 | 0.500 | – |") and "APGD-CE 8.0 points below" in line for line in s)
     assert s[4].startswith("| model | Clean | PGD-4 | PGD-20 | PGD-50 | PGD-20 ×2 restarts | APGD-CE |")
-    assert s[-1].startswith("| sound | 0.900 | 0.500 | 0.470 | 0.465 | 0.460 | 0.460 |") and s[-1].endswith("| – |")
+    (sound,) = [line for line in s if line.startswith("| sound |")]
+    assert sound.startswith("| sound | 0.900 | 0.500 | 0.470 | 0.465 | 0.460 | 0.460 |") and sound.endswith("| – |")
