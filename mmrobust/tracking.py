@@ -60,6 +60,18 @@ def experiment_id(uri: str, name: str) -> str:
     return exp.experiment_id
 
 
+def trained_run(folder: str | Path, uri: str) -> tuple[dict, str] | None:
+    """(a trained model's mlflow_run.json, the tracking URI that reaches its run: `uri` when MLFLOW_TRACKING_URI is
+    set, e.g. a server fronting the store, else the one recorded); None when the folder records no run."""
+    info_file = Path(folder) / "mlflow_run.json"
+    if not info_file.exists():
+        return None
+    import json
+
+    info = json.loads(info_file.read_text())
+    return info, resolve_uri(uri) if "MLFLOW_TRACKING_URI" in os.environ else info["tracking_uri"]
+
+
 def git_commit(cwd: str | Path = ".") -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)

@@ -1,8 +1,6 @@
 """The evaluation in MLflow: headline accuracies and the tables/figures on each model's training run."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from mmrobust import tracking
@@ -11,12 +9,7 @@ from mmrobust.attacks.specs import WORST
 
 
 def run_info(params: Params, models_dir: str | Path, mid: str) -> tuple[dict, str] | None:
-    """(mlflow_run.json of a trained model, the tracking URI to reach its run), None when it has none."""
-    info_file = Path(models_dir) / mid / "mlflow_run.json"
-    if not info_file.exists():
-        return None
-    info = json.loads(info_file.read_text())
-    return info, tracking.resolve_uri(params.tracking.uri) if "MLFLOW_TRACKING_URI" in os.environ else info["tracking_uri"]
+    return tracking.trained_run(Path(models_dir) / mid, params.tracking.uri)
 
 
 def log_to_mlflow(params: Params, ids: list[str], metrics: dict, out: Path, models_dir: str | Path,

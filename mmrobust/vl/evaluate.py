@@ -135,7 +135,6 @@ def zero_shot_table(results: dict, params) -> str:
 def run_evaluation(params, log=print) -> dict:
     """The stage: every method of vl.methods, the table and results.json (atomically), MLflow logging."""
     import json
-    import os
     from pathlib import Path
 
     from mmrobust import tracking
@@ -154,11 +153,10 @@ def run_evaluation(params, log=print) -> dict:
         (tmp / "zero_shot.md").write_text("# Zero-shot adversarial robustness (vision-language family)\n\n" + table)
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
     for method, folder in folders.items():
-        info_file = Path(folder) / "mlflow_run.json"
-        if not info_file.exists():
+        found = tracking.trained_run(folder, params.tracking.uri)
+        if found is None:
             continue
-        info = json.loads(info_file.read_text())
-        uri = tracking.resolve_uri(params.tracking.uri) if "MLFLOW_TRACKING_URI" in os.environ else info["tracking_uri"]
+        info, uri = found
         c = tracking.client(uri)
         flat = {f"zs_{task}_{k.replace('@', '_at_').replace('/', '_')}": v for task, r in results[method].items()
                 for k, v in r.items() if isinstance(v, float)}
