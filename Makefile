@@ -32,7 +32,7 @@ reproduce: $(STAMP)
 	@echo ">> results: results/README.md (T1 across datasets; links to each dataset's tables and figures), models/<dataset>/, MLflow runs in mlflow.db (make ui)"
 
 ui: $(STAMP)
-	@echo ">> runs: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+	@echo ">> runs: $$($(PY) -c "from mmrobust.config import load_params; from mmrobust.tracking import runs_url; t = load_params().tracking; print(runs_url('sqlite:///mlflow.db', t.experiment))")"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # the runs page, the models and a JT-vs-CRMT comparison as a user sees them (needs: apt-get install chromium)

@@ -60,6 +60,15 @@ def experiment_id(uri: str, name: str) -> str:
     return exp.experiment_id
 
 
+def runs_url(uri: str, name: str, host: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page that lists experiment `name`'s runs as model-training runs (the UI's home page when the
+    store has no such experiment yet)."""
+    exp = client(uri).get_experiment_by_name(name)
+    if exp is None:
+        return f"{host}/#/experiments"
+    return f"{host}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+
+
 def trained_run(folder: str | Path, uri: str) -> tuple[dict, str] | None:
     """(a trained model's mlflow_run.json, the tracking URI that reaches its run: `uri` when MLFLOW_TRACKING_URI is
     set, e.g. a server fronting the store, else the one recorded); None when the folder records no run."""

@@ -21,6 +21,9 @@ def test_experiment_is_a_model_training_experiment(tmp_path):
     old = c.create_experiment("old")  # made elsewhere without the tag: it gets it
     assert tracking.experiment_id(uri, "old") == old
     assert c.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    # `make ui` prints the runs page of the configured experiment, whatever id the store gave it
+    assert tracking.runs_url(uri, "old").endswith(f"/#/experiments/{old}/runs?workflowType=machine_learning")
+    assert tracking.runs_url(uri, "absent").endswith("/#/experiments")
 
 
 def test_training_run_has_source_dataset_input_and_repro_parent(tmp_path, monkeypatch):
