@@ -251,6 +251,18 @@ class ModelCfg(_Strict):
                                "(paper and reference: 0.1)")
 
 
+class SpeedCfg(_Strict):
+    """How fast a training step runs, not what it computes (mmrobust/speed.py)."""
+    channels_last: bool = Field(False, description="conv weights and activations in NHWC")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype of forward + loss "
+                                                       "(fp16: with a gradient scaler)")
+    compile: bool = Field(False, description="torch.compile the model (the first steps pay the compilation)")
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune"]] = None
+    compile_backend: str = Field("inductor", description="torch.compile backend (aot_eager: tracing only, no codegen)")
+    cudnn_benchmark: bool = Field(True, description="let cuDNN pick the fastest kernels (GPU only)")
+    pin_memory: Optional[bool] = Field(None, description="page-locked loader batches (None: on a GPU)")
+
+
 class TrainCfg(_Strict):
     method: str = "jt"
     modalities: Optional[list[str]] = None  # None: extract.modalities
@@ -271,6 +283,7 @@ class TrainCfg(_Strict):
                                "training batch (the base classifier of randomised smoothing needs it; 0: off)")
     loader_workers: int = Field(0, ge=0, le=64)
     use_gpu: bool = False
+    speed: SpeedCfg = SpeedCfg()
     num_workers: int = Field(1, ge=1, le=1024, description="Ray Train data-parallel workers")
     cpus_per_worker: float = Field(1.0, gt=0, le=256, description="fractions let 2 workers share 1-2 cores")
     max_failures: int = Field(1, ge=0, le=100, description="worker failures survived by resuming from the last checkpoint")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mmrobust import checkpoint
+from mmrobust import checkpoint, speed
 from mmrobust.config import Params
 from mmrobust.data.dataset import AVDataset
 from mmrobust.io import read_csv
@@ -115,6 +115,8 @@ class Trainer:
         else:
             self.model, self.method = build(self.data)
         self.model.to(self.device)
+        speed.prepare(self.model, self.cfg.speed, self.device)
+        self.scaler = speed.grad_scaler(self.device, self.cfg.speed.precision)
         if self.world_size > 1:  # identical start on every worker
             for t in self.model.state_dict().values():
                 dist.broadcast(t, 0)
@@ -140,7 +142,8 @@ class Trainer:
             shuffle = False
         g = torch.Generator().manual_seed(self.cfg.seed + epoch)
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=shuffle, sampler=sampler, generator=g,
-                          num_workers=self.cfg.loader_workers, drop_last=False)
+                          num_workers=self.cfg.loader_workers, drop_last=False,
+                          pin_memory=speed.pin_memory(self.cfg.speed, self.device))
 
     def batches(self, split: str):
         for batch in self.loader(split):
@@ -178,7 +181,28 @@ class Trainer:
         first = next(i for i, (ph, _) in enumerate(self.schedule) if ph is phase)
         return sum(1 for ph, _ in self.schedule[:first] if ph.schedule == phase.schedule)
 
-    def run_epoch(self, epoch: int) -> dict:
+    def train_step(self, inputs: dict, y: torch.Tensor, params: list[torch.nn.Parameter]) -> tuple:
+        """One optimisation step of the current phase on one batch: (loss, logs). The gradient scaler is a
+        pass-through unless `train.speed.precision` is fp16."""
+        ctx = self.ctx
+        if self.cfg.noise_sigma > 0:  # Gaussian augmentation (randomised smoothing's base classifier)
+            inputs = {m: x + self.cfg.noise_sigma * torch.randn_like(x) for m, x in inputs.items()}
+        self.opt.zero_grad(set_to_none=True)
+        with speed.autocast(self.device, self.cfg.speed.precision):
+            loss, logs = self.method.loss(self.model, inputs, y, ctx)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.method.name}: non-finite loss {loss.item()} at epoch {ctx.epoch}")
+        self.scaler.scale(loss).backward()
+        sync_gradients(params)
+        self.scaler.unscale_(self.opt)  # methods read and rescale true gradients (OGM-GE)
+        self.method.after_backward(self.model, ctx)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.method.after_step(self.model, ctx)
+        return loss, logs
+
+    def start_epoch(self, epoch: int) -> list[torch.nn.Parameter]:
+        """Enter `epoch` (its phase's optimiser, the method's epoch hook); returns the parameters it trains."""
         phase, phase_epoch = self.schedule[epoch]
         if self._opt_phase != phase.name:
             self._start_phase(phase)
@@ -188,7 +212,12 @@ class Trainer:
         self.model.train(phase.train_mode)
         self.method.on_epoch_start(self.model, ctx)
         self.model.train(phase.train_mode)
-        params = [p for g in self.opt.param_groups for p in g["params"]]
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
+    def run_epoch(self, epoch: int) -> dict:
+        phase = self.schedule[epoch][0]
+        ctx = self.ctx
+        params = self.start_epoch(epoch)
         sums: dict[str, float] = {}
         n_batches, n_samples, start = 0, 0, time.perf_counter()
         data_seconds, waiting_since = 0.0, start
@@ -197,17 +226,7 @@ class Trainer:
             if self.cfg.max_batches and i >= self.cfg.max_batches:
                 break
             inputs, y = split_batch(batch, self.data.modalities, self.device)
-            if self.cfg.noise_sigma > 0:  # Gaussian augmentation (randomised smoothing's base classifier)
-                inputs = {m: x + self.cfg.noise_sigma * torch.randn_like(x) for m, x in inputs.items()}
-            self.opt.zero_grad(set_to_none=True)
-            loss, logs = self.method.loss(self.model, inputs, y, ctx)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.method.name}: non-finite loss {loss.item()} at epoch {epoch}")
-            loss.backward()
-            sync_gradients(params)
-            self.method.after_backward(self.model, ctx)
-            self.opt.step()
-            self.method.after_step(self.model, ctx)
+            loss, logs = self.train_step(inputs, y, params)
             ctx.step += 1
             n_batches += 1
             n_samples += len(y)

@@ -1,0 +1,41 @@
+"""Speed options of the one training loop, all params (`train.speed`), never a code fork: memory format, mixed
+precision, torch.compile, cuDNN autotuning and pinned host memory. fp32 with everything off is the reference
+arithmetic; the options change how fast a step runs, not what it computes (up to rounding: see the tests)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast region of a forward pass and its loss (`precision` fp32: a no-op context)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling (its exponent range underflows small gradients); bf16 and fp32 do not, and the
+    disabled scaler is then a pass-through (scale(loss) is loss, step(opt) is opt.step())."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def prepare(model: nn.Module, cfg, device: torch.device) -> nn.Module:
+    """Apply the memory format and compilation of `cfg` (a `SpeedCfg`) to a model already on `device`; in place
+    (state_dict keys unchanged, so checkpoints are the same with any option)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    if cfg.channels_last:
+        # 4-d conv weights in NHWC: the convolutions then run (and hand on) channels-last activations
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile(mode=cfg.compile_mode, backend=cfg.compile_backend)
+    return model
+
+
+def pin_memory(cfg, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory

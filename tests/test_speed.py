@@ -1,0 +1,91 @@
+"""Speed options of the training loop (`train.speed`): the same step, faster; what each changes is checked
+against the fp32 NCHW step from the same start."""
+from __future__ import annotations
+
+import torch
+
+from helpers import tiny_data
+from mmrobust.config import parse_params
+from mmrobust.train import Trainer, run
+
+
+def trainer(method="jt", speed=None, **hp) -> Trainer:
+    train = {"method": method, "epochs": 1, "batch_size": 8, "model": {"width": 4}, "speed": speed or {}}
+    return Trainer(parse_params({"train": train, **hp}), data=tiny_data())
+
+
+def one_step(tr: Trainer):
+    params = tr.start_epoch(0)
+    inputs, y = next(tr.batches("train"))
+    loss, _ = tr.train_step(inputs, y, params)
+    return float(loss.detach()), {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+def test_channels_last_is_the_same_step_in_another_memory_format():
+    ref_loss, ref = one_step(trainer())
+    tr = trainer(speed={"channels_last": True})
+    convs = [m.weight for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs)  # (a 1-channel or 1x1 kernel is both)
+    loss, state = one_step(tr)
+    assert abs(loss - ref_loss) < 1e-5 and max_diff(state, ref) < 1e-5
+    assert state.keys() == ref.keys()
+
+
+def test_bf16_autocast_runs_the_convolutions_in_bf16_and_stays_close():
+    ref_tr = trainer("crmt_jt")
+    init = {k: v.clone() for k, v in ref_tr.model.state_dict().items()}
+    ref_loss, ref = one_step(ref_tr)
+    tr = trainer("crmt_jt", speed={"precision": "bf16"})
+    seen = []
+    conv = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    loss, state = one_step(tr)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert not tr.scaler.is_enabled()  # bf16 keeps fp32's exponent range: no loss scaling
+    assert abs(loss - ref_loss) < 0.05 * abs(ref_loss)
+    assert all(v.dtype == ref[k].dtype for k, v in state.items())  # weights stay fp32 (master weights)
+    update = lambda st: torch.cat([(st[k] - init[k]).flatten() for k in init if init[k].is_floating_point()])  # noqa: E731
+    cos = float(torch.nn.functional.cosine_similarity(update(state), update(ref), dim=0))
+    assert 0.95 < cos < 1  # the same step up to bf16 rounding (8-bit mantissa)
+
+
+def test_fp16_scales_the_loss_and_methods_see_the_true_gradient():
+    """OGM-GE rescales gradients in after_backward: with fp16 it must get them unscaled, as in fp32."""
+    grads = {}
+
+    def capture(name):
+        def hook(model, ctx):
+            grads[name] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return hook
+
+    ref_tr, tr = trainer(), trainer(speed={"precision": "fp16"})
+    ref_tr.method.after_backward, tr.method.after_backward = capture("fp32"), capture("fp16")
+    one_step(ref_tr)
+    norm = lambda g: torch.cat([v.flatten() for v in g.values()]).norm()  # noqa: E731
+    start = tr.scaler.get_scale()
+    for _ in range(24):  # an overflowing scale skips the step (weights unchanged) and halves: same batch again
+        one_step(tr)
+        if torch.isfinite(norm(grads["fp16"])):
+            break
+    assert tr.scaler.is_enabled() and 1 < tr.scaler.get_scale() <= start
+    assert abs(float(norm(grads["fp16"]) / norm(grads["fp32"])) - 1) < 0.05
+
+
+def test_compiled_model_trains_to_the_same_weights_and_checkpoints_alike():
+    ref_loss, ref = one_step(trainer())
+    tr = trainer(speed={"compile": True, "compile_backend": "aot_eager"})
+    loss, state = one_step(tr)
+    assert state.keys() == ref.keys()  # a checkpoint does not depend on the option
+    assert abs(loss - ref_loss) < 1e-4 and max_diff(state, ref) < 1e-4
+    last = run(tr, log=lambda *_: None)  # the whole loop (val, selection, test) with the compiled model
+    assert 0 <= last["test_acc"] <= 1
+
+
+def test_pin_memory_follows_the_device_unless_set():
+    assert trainer().loader("train").pin_memory is False
+    assert trainer(speed={"pin_memory": True}).loader("train").pin_memory is True
