@@ -401,6 +401,11 @@ class EvaluateCfg(_Strict):
     tsne_samples: int = Field(300, ge=10)
     eta_models: list[str] = ["jt", "ojt", "mmat", "crmt_step1", "crmt_step2", "crmt_jt", "crmt_at"]  # F3/F8
     tsne_models: list[str] = ["jt", "crmt_jt"]  # F7
+    # Attacks stay fp32 by default: in bf16 an input near 1 has a spacing of 2^-8 (fp16: 2^-11), while an l2
+    # budget of 0.5 over a 3x3x224x224 clip is ~1e-3 per element: autocast would round most of every step away
+    # and report a weaker attack's accuracy as robust accuracy.
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype of the attacked model")
+    channels_last: bool = False
 
     @field_validator("attacks", mode="before")
     @classmethod

@@ -337,3 +337,20 @@ def test_curve_data_for_dvc_plots(tmp_path):
         [(0.0, 0.92), (0.5, pytest.approx(0.62)), (1.0, pytest.approx(0.42))]
     assert [(s, x) for s, x, _ in read["F1_F4.csv"]] == [("jt #audio", 0.0), ("jt #audio", 0.5), ("jt #audio", 1.0),
                                                          ("jt #visual", 0.0), ("jt #visual", 0.5), ("jt #visual", 1.0)]
+
+
+def test_evaluation_precision_is_a_param_and_fp32_is_the_default(trained, tmp_path):
+    """bf16 autocast and channels-last reach every attack, the library one (ART reads numpy) included; the default
+    stays fp32 (EvaluateCfg.precision says why)."""
+    path, _, _ = trained
+    assert EvaluateCfg().precision == "fp32"
+    cfg = EvaluateCfg(batch_size=4, joint_grid=[], uni_grid=[], joint_grid_models=[], uni_grid_models=[],
+                      certify_models=[], attacks={"pgd": {}, "apgd_ce": {"steps": 3}}, precision="bf16",
+                      channels_last=True)
+    low = {(r["attack"], r["modality"]): r["accuracy"] for r in evaluate_model(path, "m", cfg, tmp_path / "bf16",
+                                                                               log=lambda *_: None)}
+    ref = {(r["attack"], r["modality"]): r["accuracy"] for r in evaluate_model(
+        path, "m", cfg.model_copy(update={"precision": "fp32", "channels_last": False}), tmp_path / "fp32",
+        log=lambda *_: None)}
+    assert low.keys() == ref.keys() and ("apgd_ce", "all") in low
+    assert abs(low[("clean", "all")] - ref[("clean", "all")]) <= 0.25  # 4 test clips: one may flip

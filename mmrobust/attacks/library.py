@@ -35,7 +35,7 @@ class FlatInputs(nn.Module):
         return {m: p.reshape(len(flat), *self.shapes[m]) for m, p in zip(self.names, torch.split(flat, self.sizes, 1))}
 
     def forward(self, flat: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model, self.unflatten(flat))
+        return logits_of(self.model, self.unflatten(flat)).float()  # ART reads numpy (no bf16)
 
 
 def _bounds(inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from mmrobust import speed
 from mmrobust.attacks.evaluate import correct_under_attacks
 from mmrobust.attacks.specs import ADAPTIVE, Measurement, Radii, grid, worst_case
 from mmrobust.checkpoint import load_trained
@@ -79,6 +80,8 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
                    log=print, stop_after: int | None = None, dataset: str | None = None) -> list[dict]:
     """All attack measurements of one trained model as tidy rows (resumable through the cache)."""
     predictor, params, ckpt = load_trained(path)
+    if cfg.channels_last:
+        predictor.to(memory_format=torch.channels_last)
     specs = model_grid(cfg, model_id, ckpt["modalities"])
     if not predictor.method.has_adaptive:  # an adaptive attack on a plain prediction repeats the plain one
         specs = [s for s in specs if s.attack not in ADAPTIVE]
@@ -102,7 +105,8 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
             torch.manual_seed(cfg.seed + i)  # random starts / noise: same numbers on a rerun
             inputs = {m: batch[m] for m in ckpt["modalities"]}
             y = batch["label"]
-            masks = correct_under_attacks(predictor, inputs, y, [(s.label, s.function, s.kwargs()) for s in specs])
+            with speed.autocast(torch.device("cpu"), cfg.precision):
+                masks = correct_under_attacks(predictor, inputs, y, [(s.label, s.function, s.kwargs()) for s in specs])
             for w, summarised in worst.items():
                 masks[w.label] = torch.stack([masks[k] for k in summarised]).all(0)
             if smoothing:
