@@ -305,13 +305,6 @@ class Trainer:
         self.best, self.history = ckpt["best"], ckpt["history"]
         return epoch + 1
 
-    def final_model(self) -> torch.nn.Module:
-        """The selected model (best validation accuracy in the final phase)."""
-        model = copy.deepcopy(self.model)
-        if self.best is not None:
-            model.load_state_dict(self.best["model"])
-        return model.eval()
-
     def select_final(self) -> None:
         """Put the selected weights in `self.model` (what the last checkpoint and model.pt hold), then let the
         method finish (`on_train_end`)."""
