@@ -4,6 +4,7 @@ precision, backward, gradient sync, the method's hooks, the optimiser step) on i
     .venv/bin/python bench/train_step.py                  # CPU shapes: CRMT-JT step 1 vs JT (target <= 1.15x)
     .venv/bin/python bench/train_step.py --preset paper   # paper shapes: every speed option vs fp32 NCHW
     .venv/bin/python bench/train_step.py --preset paper --options fp32 cl+bf16 --reps 3 --compile
+    .venv/bin/python bench/train_step.py --preset paper --gpu        # use_gpu: true, + peak GPU memory
 
 Presets: `cpu` = the default pipeline's shapes (width 8, 3 frames of 64², 64x200 fbank, batch 32); `paper` = the
 paper's (ResNet18 width 64 per modality, 3 frames of 224², 1x128x1024 fbank, 31 classes, batch 16). With
@@ -55,13 +56,19 @@ def batch(shape: dict, seed: int = 0):
     return inputs, torch.randint(0, shape["classes"], (shape["batch"],), generator=g)
 
 
-def make_step(method: str, shape: dict, speed: dict, inputs, y):
-    params = parse_params({"train": {"method": method, "lr": 1e-3, "speed": speed,
+def make_step(method: str, shape: dict, speed: dict, inputs, y, use_gpu: bool = False):
+    params = parse_params({"train": {"method": method, "lr": 1e-3, "speed": speed, "use_gpu": use_gpu,
                                      "model": {"encoder": "resnet18", "width": shape["width"]}}})
     data = Data(_NoData(), None, None, None, shape["classes"], ["audio", "visual"])
     trainer = Trainer(params, data=data)
     trained = trainer.start_epoch(0)
-    return lambda: trainer.train_step(inputs, y, trained)
+    inputs, y = {m: v.to(trainer.device) for m, v in inputs.items()}, y.to(trainer.device)
+
+    def step():
+        trainer.train_step(inputs, y, trained)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+    return step
 
 
 def step_flops(step) -> int:
@@ -81,16 +88,18 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def machine_peak(dtype: torch.dtype, reps: int = 5) -> dict[str, float]:
+def machine_peak(dtype: torch.dtype, device: str = "cpu", reps: int = 5) -> dict[str, float]:
     """GFLOP/s of a large GEMM and of a ResNet-like 3x3 convolution (64 -> 64 channels, 56², batch 16, NHWC)."""
-    n = 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    gemm = 2 * n ** 3 / timed(lambda: torch.mm(a, b), reps) / 1e9
-    x = torch.randn(16, 64, 56, 56, dtype=dtype).to(memory_format=torch.channels_last)
-    w = torch.randn(64, 64, 3, 3, dtype=dtype).to(memory_format=torch.channels_last)
-    F.conv2d(x, w, padding=1)
-    conv = 2 * 16 * 64 * 56 * 56 * 64 * 9 / timed(lambda: F.conv2d(x, w, padding=1), reps) / 1e9
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    n = 2048 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    torch.mm(a, b), sync()
+    gemm = 2 * n ** 3 / timed(lambda: (torch.mm(a, b), sync()), reps) / 1e9
+    batch = 16 if device == "cpu" else 256
+    x = torch.randn(batch, 64, 56, 56, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+    F.conv2d(x, w, padding=1), sync()
+    conv = 2 * batch * 64 * 56 * 56 * 64 * 9 / timed(lambda: (F.conv2d(x, w, padding=1), sync()), reps) / 1e9
     return {"gemm": gemm, "conv": conv}
 
 
@@ -109,15 +118,16 @@ def compare_methods(shape: dict, reps: int) -> None:
     print(f"CRMT-JT / JT step time: {med['crmt_jt'] / med['jt']:.3f} (target <= 1.15)")
 
 
-def compare_speed(shape: dict, options: list[str], reps: int) -> None:
+def compare_speed(shape: dict, options: list[str], reps: int, use_gpu: bool = False) -> None:
     inputs, y = batch(shape)
-    peaks = {"fp32": machine_peak(torch.float32), "bf16": machine_peak(torch.bfloat16)}
+    device = "cuda" if use_gpu else "cpu"
+    peaks = {"fp32": machine_peak(torch.float32, device), "bf16": machine_peak(torch.bfloat16, device)}
     for p, v in peaks.items():
         print(f"machine peak {p}: GEMM {v['gemm']:.0f} GFLOP/s, 3x3 conv {v['conv']:.0f} GFLOP/s")
     steps, warm = {}, {}
     for opt in options:
         t0 = time.perf_counter()
-        steps[opt] = make_step("crmt_jt", shape, OPTIONS[opt], inputs, y)
+        steps[opt] = make_step("crmt_jt", shape, OPTIONS[opt], inputs, y, use_gpu)
         steps[opt]()  # the first steps pay compilation / kernel selection
         steps[opt]()
         warm[opt] = time.perf_counter() - t0
@@ -135,6 +145,8 @@ def compare_speed(shape: dict, options: list[str], reps: int) -> None:
         peak = max(peaks[precision].values())
         print(f"{opt:18s} {t:8.3f} {shape['batch'] / t:10.2f} {flops / t / 1e9:8.0f} {flops / t / 1e9 / peak:6.2f} "
               f"{base / t:8.2f}x {warm[opt]:9.1f}")
+    if use_gpu:
+        print(f"GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak allocated ({torch.cuda.get_device_name()})")
     print("speed-up: vs fp32 NCHW, the released code's arithmetic; /peak: vs the faster of GEMM and conv at the "
           "option's precision")
 
@@ -147,7 +159,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also the torch.compile options")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--gpu", action="store_true", help="train.use_gpu: true (the same Trainer step on CUDA)")
     args = ap.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        ap.error("--gpu: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = PRESETS[args.preset]
@@ -158,7 +173,7 @@ def main() -> None:
         compare_methods(shape, args.reps or 20)
         return
     options = args.options or [o for o in OPTIONS if "compile" not in o or args.compile]
-    compare_speed(shape, options, args.reps or 3)
+    compare_speed(shape, options, args.reps or (20 if args.gpu else 3), args.gpu)
 
 
 if __name__ == "__main__":
