@@ -52,7 +52,7 @@ def signature(model: FlatInputs, num_classes: int):
 
 
 def log_model(uri: str, run_id: str, predictor: torch.nn.Module, example: dict, num_classes: int,
-              name: str = ARTIFACT, tags: dict | None = None) -> str:
+              name: str = ARTIFACT, tags: dict | None = None, requirements: list[str] = ()) -> str:
     """Log `predictor` on run `run_id` as MLflow PyTorch model `name` with a tensor signature; returns its URI.
     The library travels with the model (code_paths), so it loads where mmrobust is not installed."""
     import mlflow
@@ -68,12 +68,21 @@ def log_model(uri: str, run_id: str, predictor: torch.nn.Module, example: dict, 
             info = mlflow.pytorch.log_model(
                 model, name=name, signature=signature(model, num_classes), code_paths=[str(PACKAGE_DIR)],
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                                  "pydantic", "pyyaml"],
+                                  "pydantic", "pyyaml", *requirements],
                 metadata={"input_layout": layout}, tags=tags or {},
                 serialization_format="pickle")  # pt2 (torch.export) cannot trace per-sample defences
     finally:
         quiet.setLevel(level)
     return info.model_uri
+
+
+def log_clip(uri: str, run_id: str, model: torch.nn.Module, image: torch.Tensor, name: str, tags: dict) -> str:
+    """A zero-shot CLIP classifier (mmrobust.vl.clip.ZeroShotCLIP: images in [0, 1] -> class logits) as an
+    MLflow PyTorch model of its run, the same flat-input layout as the AV models (one modality: visual)."""
+    import transformers
+
+    return log_model(uri, run_id, model, {"visual": image[None]}, len(model.class_names), name=name, tags=tags,
+                     requirements=[f"transformers=={transformers.__version__}"])
 
 
 def register(uri: str, model_uri: str, name: str, description: str, tags: dict | None = None):

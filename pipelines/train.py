@@ -225,7 +225,8 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     if family == "vl":
         from mmrobust.vl.run import make_trainer, save_trained
 
-        model = make_trainer(params, method).model
+        vl_trainer = make_trainer(params, method)
+        model = vl_trainer.model
         model.load_state_dict(state["model"])
         save_trained(model, out_dir, metrics)
         c.log_artifacts(run_id, str(out_dir), "clip")
@@ -237,6 +238,8 @@ def train_method(params: Params, method: str, out_dir: str | Path, base: Path = 
     info = {"run_id": run_id, "tracking_uri": uri, "experiment": exp}
     if family == "av":
         info["model_uri"] = log_pytorch_model(params, out_dir / checkpoint.MODEL_FILE, uri, run_id, model_id or method)
+    else:
+        info["model_uri"] = log_clip_model(vl_trainer, uri, run_id, model_id or method)
     write_json(out_dir / "mlflow_run.json", info)
     c.set_terminated(run_id)
     _run_file(out_dir).unlink(missing_ok=True)
@@ -257,6 +260,15 @@ def log_pytorch_model(params: Params, model_path: Path, uri: str, run_id: str, m
     example = {m: item[m][None] for m in ckpt["modalities"]}
     return mlflow_model.log_model(uri, run_id, predictor, example, ckpt["num_classes"], name=model_id,
                                   tags={"model": model_id, "method": ckpt["method"], "dataset": params.dataset_name})
+
+
+def log_clip_model(trainer, uri: str, run_id: str, model_id: str) -> str:
+    """A trained (or zero-shot) CLIP on its run as an MLflow PyTorch model; the image size from one test image."""
+    from mmrobust import mlflow_model
+
+    image = trainer.data.test[0]["visual"]
+    return mlflow_model.log_clip(uri, run_id, trainer.model.eval(), image, model_id,
+                                 tags={"model": model_id, "family": "vl", "task": trainer.task})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from mmrobust import cli, tracking
 from mmrobust.config import VL_METHOD_NAMES, ConfigError
 from mmrobust.io import write_json
 from mmrobust.ray_utils import ray_session
-from pipelines.train import _run_file, open_run, train_method
+from pipelines.train import _run_file, log_clip_model, open_run, train_method
 
 
 def out_dir(params, method: str, tuned: bool = False) -> Path:
@@ -51,7 +51,9 @@ def train_untrained(params, method: str, out: Path, run) -> dict:
     c = tracking.client(uri)
     tracking.log_metrics(c, run_id, {k: v for k, v in metrics.items() if isinstance(v, float)})
     c.log_artifacts(run_id, str(out), "clip")
-    write_json(out / "mlflow_run.json", {"run_id": run_id, "tracking_uri": uri, "experiment": exp})
+    model_uri = log_clip_model(trainer, uri, run_id, method)
+    write_json(out / "mlflow_run.json", {"run_id": run_id, "tracking_uri": uri, "experiment": exp,
+                                         "model_uri": model_uri})
     c.set_terminated(run_id)
     _run_file(out).unlink(missing_ok=True)
     print(f"[{method}] test acc {metrics['test_acc']:.3f}; model -> {out}; MLflow run {run_id} at {uri}")

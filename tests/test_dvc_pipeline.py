@@ -190,12 +190,27 @@ def test_repro_outputs_noop_and_partial_rerun(repo, request):
     # each trained model is an MLflow model of its run; the best CRMT model of the dataset is registered
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     logged = client.search_logged_models(["1"])
-    assert {m.source_run_id for m in logged} == {r.info.run_id for r in trained}
+    vl_trained = [r for r in runs if r.data.tags.get("family") == "vl" and "tune" not in r.data.tags
+                  and "tune_trial" not in r.data.tags and r.info.run_name != "clip_pretrain@shapes_seen"]
+    assert {m.source_run_id for m in logged} == {r.info.run_id for r in [*trained, *vl_trained]}
     (version,) = client.search_model_versions(f"name = 'mmrobust-{SYN}-crmt'")
     assert version.tags["model"] == "crmt_jt" and version.source in {m.model_uri for m in logged}
     # the vision-language family: CLIP folders that load back, the zero-shot table, its numbers in MLflow
     from mmrobust.vl.clip import load_clip
     clip, tok, image = load_clip(repo / "models/vl/tima")
+    # ... and MLflow models of their runs that predict like the folder (images flattened, the AV layout)
+    import mlflow.pytorch
+    import torch
+    from mmrobust import mlflow_model
+    from mmrobust.config import load_params
+    from mmrobust.vl.run import zero_shot_model
+    tima = json.loads((repo / "models/vl/tima/mlflow_run.json").read_text())
+    with mlflow_model.tracking_uri(f"sqlite:///{repo / 'mlflow.db'}"):
+        served = mlflow.pytorch.load_model(tima["model_uri"])
+    folder = zero_shot_model(load_params(repo / "params.yaml"), served.model.class_names, repo / "models/vl/tima")
+    x = torch.rand(2, 3, image.size, image.size)
+    with torch.no_grad():
+        torch.testing.assert_close(served(x.flatten(1)), folder.eval()({"visual": x}), atol=1e-5, rtol=1e-5)
     ids = tok("a photo of a blue square.")["input_ids"]
     assert image.size == 16 and len(ids) == 9 and tok.unk_token_id not in ids
     results = json.loads((repo / "results/vl/results.json").read_text())

@@ -239,7 +239,7 @@ def test_adaptive_pgd_runs_only_where_it_differs():
     from mmrobust.attacks import run_attack
     from mmrobust.methods import METHODS, Predictor
 
-    assert {n for n, m in METHODS.items() if m.has_adaptive} == {"jacobian_fusion"}
+    assert {n for n, m in METHODS.items() if m.has_adaptive} == {"jacobian_fusion", "msefm"}
     model, x = linear_model(), linear_inputs(B=3)
     method = METHODS["jacobian_fusion"](None, METHODS["jacobian_fusion"].Params(gamma=2.0, calibrate=None))
     pred = Predictor(model, method)
@@ -361,6 +361,23 @@ def test_msefm_cosine_term_and_memory():
     fresh.model.load_state_dict(model.state_dict())
     fresh.method.p = tr.method.p
     torch.testing.assert_close(fresh.method.predict(fresh.model.eval(), xv), tr.method.predict(model, xv))
+
+
+def test_msefm_adaptive_attack_sees_through_the_denoiser():
+    """BPDA: the prediction's values, the gradient of the identity through sparse coding. With the linear concat
+    head that makes the input gradient of a logit the same as the plain (undenoised) model's."""
+    tr = make_trainer("msefm", epochs=1, memory_per_class=3)
+    tr.run_epoch(0)
+    model = tr.model.eval()
+    x = {m: v.clone().requires_grad_(True) for m, v in first_batch(tr, "val")[0].items()}
+    adaptive = tr.method.predict_adaptive(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(adaptive, tr.method.predict(model, x))
+    got = torch.autograd.grad(adaptive[:, 1].sum(), list(x.values()))
+    want = torch.autograd.grad(model(x).logits[:, 1].sum(), list(x.values()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    assert tr.method.has_adaptive
 
 
 def test_msefm_projects_features_of_different_dims():

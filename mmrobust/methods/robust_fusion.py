@@ -162,6 +162,19 @@ class MSEFM(Method):
             return model(inputs).logits
         return model.head(self.denoise(model, model.encode(inputs)))[0]
 
+    has_adaptive = True
+
+    def predict_adaptive(self, model, inputs):
+        """BPDA (Athalye et al. 2018): `predict`'s forward pass, the identity's backward pass through the
+        sparse-coding denoiser. Soft thresholding zeroes the gradient of every inactive atom, so the gradient of
+        the unrolled FISTA can hide the direction that moves a feature across the boundary."""
+        model = _unwrap(model)
+        if not model.msefm.ready:
+            return model(inputs).logits
+        feats = model.encode(inputs)
+        clean = self.denoise(model, {m: f.detach() for m, f in feats.items()})
+        return model.head({m: f + (clean[m] - f).detach() for m, f in feats.items()})[0]
+
 
 # ====================================================================================================== UME-MMA
 def present_mask(inputs: dict) -> dict[str, torch.Tensor]:
