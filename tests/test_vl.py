@@ -113,6 +113,28 @@ def test_small_clip_round_trips_through_the_loading_path(tmp_path):
         load_clip(tmp_path)
 
 
+def test_a_clip_is_an_mlflow_pytorch_model_of_its_run(tmp_path):
+    """What a VL training run logs: the zero-shot classifier as an MLflow PyTorch model (flat images in, logits
+    out, signature and transformers pinned) that loads back through mlflow.pytorch and predicts the same."""
+    import mlflow.pytorch
+    from mmrobust import mlflow_model, tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    run = c.create_run(tracking.experiment_id(uri, "vl"))
+    model = tiny_model().eval()
+    x, _ = colour_images()
+    model_uri = mlflow_model.log_clip(uri, run.info.run_id, model, x[0], "tima", {"family": "vl"})
+    with mlflow_model.tracking_uri(uri):
+        served = mlflow.pytorch.load_model(model_uri)
+        info = mlflow.models.get_model_info(model_uri)
+        requirements = open(mlflow.pyfunc.get_model_dependencies(model_uri)).read()
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3 * 16 * 16]
+    assert "transformers==" in requirements
+    with torch.no_grad():
+        torch.testing.assert_close(served(x.flatten(1)), model(x), atol=1e-6, rtol=1e-6)
+
+
 def test_text_cache_follows_weight_updates():
     model = tiny_model().eval()
     with torch.no_grad():
