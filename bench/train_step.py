@@ -129,20 +129,25 @@ def compare_speed(shape: dict, options: list[str], reps: int, use_gpu: bool = Fa
     peaks = {"fp32": machine_peak(torch.float32, device), "bf16": machine_peak(torch.bfloat16, device)}
     for p, v in peaks.items():
         print(f"machine peak {p}: GEMM {v['gemm']:.0f} GFLOP/s, 3x3 conv {v['conv']:.0f} GFLOP/s")
-    steps, warm = {}, {}
+    steps, warm, memory = {}, {}, {}
     for opt in options:
+        if use_gpu:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         steps[opt] = make_step("crmt_jt", shape, OPTIONS[opt], inputs, y, use_gpu)
         steps[opt]()  # the first steps pay compilation / kernel selection
         steps[opt]()
         warm[opt] = time.perf_counter() - t0
+        if use_gpu:  # this option's step (plus the weights of the options built before it)
+            memory[opt] = torch.cuda.max_memory_allocated() / 2**30
     flops = step_flops(steps[options[0]])
     times = {opt: [] for opt in options}
     for _ in range(reps):
         for opt in options:
             times[opt].append(timed(steps[opt], 1))
     med = {opt: statistics.median(v) for opt, v in times.items()}
-    base = med.get("fp32", med[options[0]])
+    base_name = "fp32" if "fp32" in med else options[0]
+    base = med[base_name]
     print(f"step: {flops / 1e9:.1f} GFLOP (forward + backward, counted by torch)")
     print(f"{'option':18s} {'s/step':>8s} {'samples/s':>10s} {'GFLOP/s':>8s} {'/peak':>6s} {'speed-up':>9s} {'warm-up s':>9s}")
     for opt in options:
@@ -151,9 +156,10 @@ def compare_speed(shape: dict, options: list[str], reps: int, use_gpu: bool = Fa
         print(f"{opt:18s} {t:8.3f} {shape['batch'] / t:10.2f} {flops / t / 1e9:8.0f} {flops / t / 1e9 / peak:6.2f} "
               f"{base / t:8.2f}x {warm[opt]:9.1f}")
     if use_gpu:
-        print(f"GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak allocated ({torch.cuda.get_device_name()})")
-    print("speed-up: vs fp32 NCHW, the released code's arithmetic; /peak: vs the faster of GEMM and conv at the "
-          "option's precision")
+        print(f"GPU ({torch.cuda.get_device_name()}) peak memory allocated per option: "
+              + ", ".join(f"{o} {m:.1f} GiB" for o, m in memory.items()))
+    print(f"speed-up: vs {base_name}" + (" (NCHW, the released code's arithmetic)" if base_name == "fp32" else "")
+          + "; /peak: vs the faster of GEMM and conv at the option's precision")
 
 
 def main() -> None:
@@ -161,7 +167,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--options", nargs="+", choices=list(OPTIONS), default=None,
                     help="speed options to compare (default: all but compile; --preset cpu: JT vs CRMT-JT)")
-    ap.add_argument("--compile", action="store_true", help="also the torch.compile options")
+    ap.add_argument("--compile", action="store_true", help="add the torch.compile options")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--gpu", action="store_true", help="train.use_gpu: true (the same Trainer step on CUDA)")
@@ -177,7 +183,9 @@ def main() -> None:
     if args.preset == "cpu" and args.options is None:
         compare_methods(shape, args.reps or 20)
         return
-    options = args.options or [o for o in OPTIONS if "compile" not in o or args.compile]
+    options = args.options or [o for o in OPTIONS if "compile" not in o]
+    if args.compile:
+        options += [o for o in OPTIONS if "compile" in o and o not in options]
     compare_speed(shape, options, args.reps or (20 if args.gpu else 3), args.gpu)
 
 

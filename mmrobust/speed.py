@@ -18,6 +18,18 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
+@contextlib.contextmanager
+def full_precision():
+    """Autocast off inside an autocast region, for work that must stay fp32: the attacks that adversarial
+    training runs inside its loss (bf16 would round their small steps away, see EvaluateCfg.precision)."""
+    with torch.autocast("cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
+
+
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """fp16 needs loss scaling (its exponent range underflows small gradients); bf16 and fp32 do not, and the
     disabled scaler is then a pass-through (scale(loss) is loss, step(opt) is opt.step())."""

@@ -285,6 +285,7 @@ class Trainer:
     def state_dict(self, epoch: int) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict() if self.opt else None,
                 "scheduler": self.sched.state_dict() if self.sched else None, "phase": self._opt_phase,
+                "scaler": self.scaler.state_dict(),
                 "epoch": epoch, "method": self.method.name, "config": self.params.model_dump(mode="json"),
                 "method_state": self.ctx.state, "step": self.ctx.step, "best": self.best, "history": self.history,
                 "num_classes": self.data.num_classes, "modalities": self.data.modalities}
@@ -301,6 +302,8 @@ class Trainer:
                 # a StepLR state (checkpoints before the shared schedule) carries the same epoch counter
                 lambdas = {"lr_lambdas": [None] * len(self.opt.param_groups)}
                 self.sched.load_state_dict({**lambdas, **ckpt["scheduler"]})
+        if ckpt.get("scaler"):  # fp16's loss scale (empty when the scaler is off; absent in older checkpoints)
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.ctx.state, self.ctx.step = ckpt["method_state"], ckpt["step"]
         self.best, self.history = ckpt["best"], ckpt["history"]
         return epoch + 1

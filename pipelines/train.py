@@ -264,10 +264,13 @@ def log_pytorch_model(params: Params, model_path: Path, uri: str, run_id: str, m
 
 def log_clip_model(trainer, uri: str, run_id: str, model_id: str) -> str:
     """A trained (or zero-shot) CLIP on its run as an MLflow PyTorch model; the image size from one test image."""
+    import copy
+
     from mmrobust import mlflow_model
 
     image = trainer.data.test[0]["visual"]
-    return mlflow_model.log_clip(uri, run_id, trainer.model.eval(), image, model_id,
+    model = copy.deepcopy(trainer.model).cpu().eval()  # loadable on a host without the GPU it trained on
+    return mlflow_model.log_clip(uri, run_id, model, image, model_id,
                                  tags={"model": model_id, "family": "vl", "task": trainer.task})
 
 

@@ -347,8 +347,18 @@ def test_evaluation_precision_is_a_param_and_fp32_is_the_default(trained, tmp_pa
     cfg = EvaluateCfg(batch_size=4, joint_grid=[], uni_grid=[], joint_grid_models=[], uni_grid_models=[],
                       certify_models=[], attacks={"pgd": {}, "apgd_ce": {"steps": 3}}, precision="bf16",
                       channels_last=True)
-    low = {(r["attack"], r["modality"]): r["accuracy"] for r in evaluate_model(path, "m", cfg, tmp_path / "bf16",
-                                                                               log=lambda *_: None)}
+    seen = []  # every convolution the evaluation runs: its output dtype and whether its weight is NHWC
+
+    def hook(module, args, out):
+        if isinstance(module, torch.nn.Conv2d) and module.weight.shape[1] > 1:
+            seen.append((out.dtype, module.weight.is_contiguous(memory_format=torch.channels_last)))
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        low = {(r["attack"], r["modality"]): r["accuracy"]
+               for r in evaluate_model(path, "m", cfg, tmp_path / "bf16", log=lambda *_: None)}
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {(torch.bfloat16, True)}
     ref = {(r["attack"], r["modality"]): r["accuracy"] for r in evaluate_model(
         path, "m", cfg.model_copy(update={"precision": "fp32", "channels_last": False}), tmp_path / "fp32",
         log=lambda *_: None)}

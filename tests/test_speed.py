@@ -89,3 +89,25 @@ def test_compiled_model_trains_to_the_same_weights_and_checkpoints_alike():
 def test_pin_memory_follows_the_device_unless_set():
     assert trainer().loader("train").pin_memory is False
     assert trainer(speed={"pin_memory": True}).loader("train").pin_memory is True
+
+
+def test_training_time_attacks_stay_fp32_under_bf16():
+    """CRMT-AT's PGD runs inside its loss, i.e. inside autocast: its forward passes leave it (fp32), the
+    training forward on the adversarial batch does not (bf16)."""
+    tr = trainer("crmt_at", speed={"precision": "bf16"}, crmt={"adv_steps": 1})
+    seen = []
+    conv = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    one_step(tr)
+    assert torch.float32 in seen and torch.bfloat16 in seen
+    assert seen[-1] == torch.bfloat16  # the last forward is the training one
+
+
+def test_fp16_loss_scale_travels_in_the_checkpoint():
+    tr = trainer(speed={"precision": "fp16"})
+    for _ in range(3):
+        one_step(tr)
+    scale = tr.scaler.get_scale()
+    again = trainer(speed={"precision": "fp16"})
+    again.load_state_dict(tr.state_dict(0))
+    assert again.scaler.get_scale() == scale < 2.0 ** 16

@@ -25,8 +25,11 @@ def _beta(alpha: float, generator: torch.Generator) -> torch.Tensor:
 
 def adversarial_inputs(model: nn.Module, inputs: dict, y: torch.Tensor, eps: float, steps: int,
                        step_size: float | None = None) -> dict:
-    """Joint l2 PGD training examples (model in eval mode while attacking, restored afterwards)."""
+    """Joint l2 PGD training examples (model in eval mode while attacking, restored afterwards), in fp32 under
+    any training precision."""
+    from mmrobust import speed
     from mmrobust.attacks.registry import run_attack
 
-    return run_attack("pgd", model, inputs, y, eps=eps, steps=steps,
-                      step_size=step_size if step_size is not None else eps / steps)
+    with speed.full_precision():
+        return run_attack("pgd", model, inputs, y, eps=eps, steps=steps,
+                          step_size=step_size if step_size is not None else eps / steps)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmrobust.methods.base import Method, Phase
+from mmrobust import speed
 from mmrobust.vl.attacks import ce_sum, pgd_linf
 from mmrobust.attacks.core import attack_mode
 from mmrobust.vl.losses import adaptive_margin, contrastive, embedding_l2, kl_to, mhe
@@ -68,7 +69,7 @@ class VLMethod(Method):
 
     def adversarial(self, model, loss_fn, x: torch.Tensor) -> torch.Tensor:
         a = self.p.attack
-        with attack_mode(model):
+        with attack_mode(model), speed.full_precision():  # a 1/255 step is one bf16 unit: fp32 always
             return pgd_linf(loss_fn, x, a.eps, a.steps, a.step_size, a.random_start)
 
     def objective_accuracy(self, predictor, batches, eps: float, steps: int, step_ratio: float) -> tuple[int, int]:
