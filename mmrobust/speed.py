@@ -42,11 +42,27 @@ def prepare(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if cfg.channels_last:
-        # 4-d conv weights in NHWC: the convolutions then run (and hand on) channels-last activations
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model, device)
     if cfg.compile:
         model.compile(mode=cfg.compile_mode, backend=cfg.compile_backend)
     return model
+
+
+def to_channels_last(model: nn.Module, device: torch.device, weight_grads: bool = True) -> nn.Module:
+    """4-d conv weights in NHWC: the convolutions then run (and hand on) channels-last activations. Refused on CPU
+    for a model with a strided 1x1 convolution of fewer than 8 input channels: torch 2.13's CPU (oneDNN)
+    channels-last weight gradient for it is wrong in 10-100 % of calls and can corrupt the heap or hang, even
+    with its weight and input in NCHW when the gradient from the next layer arrives in NHWC (docs/decisions.md,
+    "channels-last on CPU"). Only slim widths have one (ResNet downsampling at width < 8). Input gradients
+    alone (`weight_grads=False`: the attacks on a frozen model) come out right."""
+    if device.type == "cpu" and weight_grads:
+        broken = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+                  and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8]
+        if broken:
+            raise ValueError(f"speed.channels_last on CPU: {broken[0]} is a strided 1x1 convolution with "
+                             f"{model.get_submodule(broken[0]).in_channels} input channels, whose channels-last "
+                             "gradient torch 2.13 computes wrongly on CPU; use model width >= 8 or channels_last: false")
+    return model.to(memory_format=torch.channels_last)
 
 
 def pin_memory(cfg, device: torch.device) -> bool:

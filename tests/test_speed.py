@@ -2,15 +2,19 @@
 against the fp32 NCHW step from the same start."""
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from helpers import tiny_data
+from mmrobust.speed import to_channels_last
 from mmrobust.config import parse_params
 from mmrobust.train import Trainer, run
 
 
-def trainer(method="jt", speed=None, **hp) -> Trainer:
-    train = {"method": method, "epochs": 1, "batch_size": 8, "model": {"width": 4}, "speed": speed or {}}
+def trainer(method="jt", speed=None, width=4, **hp) -> Trainer:
+    train = {"method": method, "epochs": 1, "batch_size": 8, "model": {"width": width}, "speed": speed or {}}
     return Trainer(parse_params({"train": train, **hp}), data=tiny_data())
 
 
@@ -26,14 +30,34 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def test_channels_last_is_the_same_step_in_another_memory_format():
-    ref_loss, ref = one_step(trainer())
-    tr = trainer(speed={"channels_last": True})
+    ref_loss, ref = one_step(trainer(width=8))  # width 4 is refused on CPU (next test)
+    tr = trainer(speed={"channels_last": True}, width=8)
     convs = [m.weight for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert any(not w.is_contiguous() for w in convs)  # (a 1-channel or 1x1 kernel is both)
     loss, state = one_step(tr)
     assert abs(loss - ref_loss) < 1e-5 and max_diff(state, ref) < 1e-5
     assert state.keys() == ref.keys()
+
+
+def test_channels_last_is_refused_where_torch_gets_the_cpu_gradient_wrong():
+    """torch 2.13 on CPU: the channels-last weight gradient of a strided 1x1 convolution with < 8 input channels
+    is wrong in 10-100 % of calls (docs/decisions.md); training refuses, naming the layer. The attacks' input
+    gradients on a frozen model are right, checked here against float64 on 20 batches."""
+    with pytest.raises(ValueError, match=r"layer2\.0\.downsample\.0 .* 4 input channels.*width >= 8"):
+        trainer(speed={"channels_last": True})
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1, stride=2), torch.nn.Conv2d(8, 16, 3, padding=1))
+    ref = copy.deepcopy(net).double()
+    to_channels_last(net.requires_grad_(False), torch.device("cpu"), weight_grads=False)
+    assert not net[1].weight.is_contiguous()
+    for _ in range(20):
+        x = torch.randn(8, 4, 16, 16)
+        xc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        x64 = x.double().requires_grad_()
+        g, = torch.autograd.grad(net(xc).square().sum(), xc)
+        g64, = torch.autograd.grad(ref(x64).square().sum(), x64)
+        assert (g.double() - g64).abs().max() <= 1e-5 * g64.abs().max()
 
 
 def test_bf16_autocast_runs_the_convolutions_in_bf16_and_stays_close():
@@ -49,9 +73,9 @@ def test_bf16_autocast_runs_the_convolutions_in_bf16_and_stays_close():
     assert not tr.scaler.is_enabled()  # bf16 keeps fp32's exponent range: no loss scaling
     assert abs(loss - ref_loss) < 0.05 * abs(ref_loss)
     assert all(v.dtype == ref[k].dtype for k, v in state.items())  # weights stay fp32 (master weights)
-    # The update's direction is not compared: on this CPU build a bf16 convolution backward now and then returns
-    # a garbage weight gradient (1e11) for the tiny test model's 1x1-spatial layer4 (docs/decisions.md).
-    assert state.keys() == init.keys()
+    update = lambda st: torch.cat([(st[k] - init[k]).flatten() for k in init if init[k].is_floating_point()])  # noqa: E731
+    cos = float(torch.nn.functional.cosine_similarity(update(state), update(ref), dim=0))
+    assert 0.95 < cos < 1  # the same step up to bf16 rounding (8-bit mantissa)
 
 
 def test_fp16_scales_the_loss_and_methods_see_the_true_gradient():

@@ -80,8 +80,9 @@ def evaluate_model(path: str | Path, model_id: str, cfg: EvaluateCfg, cache_dir:
                    log=print, stop_after: int | None = None, dataset: str | None = None) -> list[dict]:
     """All attack measurements of one trained model as tidy rows (resumable through the cache)."""
     predictor, params, ckpt = load_trained(path)
-    if cfg.channels_last:
-        predictor.to(memory_format=torch.channels_last)
+    predictor.requires_grad_(False)  # the attacks differentiate the inputs only
+    if cfg.channels_last:  # evaluation runs on CPU (see autocast below)
+        speed.to_channels_last(predictor, torch.device("cpu"), weight_grads=False)
     specs = model_grid(cfg, model_id, ckpt["modalities"])
     if not predictor.method.has_adaptive:  # an adaptive attack on a plain prediction repeats the plain one
         specs = [s for s in specs if s.attack not in ADAPTIVE]
