@@ -138,7 +138,7 @@ def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, 
     uni = [_col(a, m, uni_eps) for a in robust if a in per_modality for m in mods]
     missing = [_col(a, m, 0.0, f"{ATTACK_NAMES[a]} #{m[0]}") for a in of_kind(attacks, "missing") for m in mods]
     written.append(_write_table(out, "T2", f"uni-modal attacks (eps {uni_eps:g}) and missing modalities",
-                                *pivot(rows, main, [_col("clean")] + uni + missing)))
+                                *_without_empty_columns(*pivot(rows, main, [_col("clean")] + uni + missing), fixed=1)))
     noise = sorted({(r["attack"], float(r["eps"])) for r in rows if r["attack"] in corruptions})
     t7 = [_col("clean")] + [_col(a, eps=e) for a, e in noise]
     written.append(_write_table(out, "T7", "multimodal Gaussian noise (MGN, sigma), pixel masking (MPM, p) and "
@@ -146,7 +146,8 @@ def write_tables(rows: list[dict], out: Path, joint_eps: float, uni_eps: float, 
     written += _architecture_tables(rows, out, models, archs, t1, uni, missing, uni_eps)
     t10 = t1 + missing
     written.append(_write_table(out, "T10", "uni-modal ensemble / multi-task baselines vs CRMT-JT",
-                                *pivot(rows, [m for m in T10_MODELS if m in in_base], t10)))
+                                *_without_empty_columns(*pivot(rows, [m for m in T10_MODELS if m in in_base], t10),
+                                                        fixed=1)))
     iters = t11_models(models, in_base)
     grid = sorted({float(r["eps"]) for r in rows if r["attack"] == "fgm" and r["modality"] == "all"})
     t11 = [_col("clean", title="0")] + [_col("fgm", eps=e, title=f"{e:g}") for e in grid]
@@ -285,7 +286,14 @@ def _architecture_tables(rows, out, models, archs, t1, uni, missing, uni_eps) ->
              ("T6", "pretrained encoders: baseline vs CRMT", groups["T6"], t3),
              ("T8", "three or more modalities (e.g. UCF101 RGB + flow + frame difference), from scratch and "
               "pretrained", groups["T8"], [*t1, *[c for c in uni if c.title.startswith("PGD")], *missing])]
-    return [_write_table(out, tid, title, *pivot(rows, chosen, cols, labels)) for tid, title, chosen, cols in specs]
+    return [_write_table(out, tid, title, *_without_empty_columns(*pivot(rows, chosen, cols, labels), fixed=2))
+            for tid, title, chosen, cols in specs]
+
+
+def _without_empty_columns(header, body, used, fixed: int):
+    """Drop the measurement columns no model of the table has (e.g. the flow column where no model sees flow)."""
+    keep = [i for i in range(len(header)) if i < fixed or any(row[i] != "–" for row in body)]
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in body], used
 
 
 def _others(models: dict[str, str], listed: list[str]) -> list[str]:

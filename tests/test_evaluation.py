@@ -251,6 +251,11 @@ def test_architecture_tables_select_models_by_their_params(tmp_path):
     assert "pretrained V" in (tmp_path / "T6.md").read_text()
     # T4 puts the missing-modality columns between clean and the attacks, as the paper does
     assert (tmp_path / "T4.md").read_text().splitlines()[2].startswith("| model | architecture | Clean | Missing #a")
+    # a modality none of a table's models sees gets no column (flow/diff are only T8's)
+    assert "#f" not in t3 and "#d" not in t3 and "#a" in t3
+    assert "#f" not in (tmp_path / "T2.md").read_text() and "Missing #v" in (tmp_path / "T2.md").read_text()
+    t8 = (tmp_path / "T8.md").read_text().splitlines()[2]
+    assert "PGD #f 1" in t8 and "#a" not in t8
 
 
 def test_arch_of_reads_the_training_params():
