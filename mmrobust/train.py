@@ -7,7 +7,8 @@ done here rather than by the DDP wrapper so that methods can freeze parts of the
 step 2) and read or rescale gradients (OGM-GE) on the plain module.
 
 Model selection: the checkpoint kept as `best` is the epoch of the final phase with the highest validation
-accuracy (the validation split is carved from train; the test split is never used for selection).
+accuracy (the validation split is carved from train; the test split is never used for selection). A phase with
+`start="best"` (CRMT step 2) begins from the best validation epoch of the phase before it.
 """
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ class Trainer:
                        val_batches=lambda: self.batches("val"))
         self.opt = self.sched = None
         self._opt_phase: str | None = None
-        self.best: dict | None = None
+        self.best: dict | None = None        # the selected epoch of the final phase (the model a run ends with)
+        self.phase_best: dict | None = None  # the best epoch of the phase running (Phase.start "best" reads it)
         self.history: list[dict] = []
 
     @property
@@ -204,6 +206,8 @@ class Trainer:
     def start_epoch(self, epoch: int) -> list[torch.nn.Parameter]:
         """Enter `epoch` (its phase's optimiser, the method's epoch hook); returns the parameters it trains."""
         phase, phase_epoch = self.schedule[epoch]
+        if phase_epoch == 0 and phase.start == "best" and self.phase_best is not None:
+            self.model.load_state_dict(self.phase_best["model"])  # the previous phase's selected epoch
         if self._opt_phase != phase.name:
             self._start_phase(phase)
         ctx = self.ctx
@@ -245,8 +249,12 @@ class Trainer:
         val = self.evaluate("val") if len(self.data.val) else self.evaluate("train_eval")
         metrics.update({f"val_{k}": v for k, v in val.items()})
         self.history.append(metrics)
-        if phase is self.schedule[-1][0] and (self.best is None or val["acc"] >= self.best["val_acc"]):
-            self.best = {"epoch": epoch, "val_acc": val["acc"], "model": copy.deepcopy(self.model.state_dict())}
+        pb = self.phase_best
+        if pb is None or pb["phase"] != phase.name or val["acc"] >= pb["val_acc"]:  # ties: the later epoch
+            self.phase_best = {"phase": phase.name, "epoch": epoch, "val_acc": val["acc"],
+                               "model": copy.deepcopy(self.model.state_dict())}
+        if phase is self.schedule[-1][0]:
+            self.best = self.phase_best
         return metrics
 
     # ---------------------------------------------------------------- evaluation
@@ -287,7 +295,8 @@ class Trainer:
                 "scheduler": self.sched.state_dict() if self.sched else None, "phase": self._opt_phase,
                 "scaler": self.scaler.state_dict(),
                 "epoch": epoch, "method": self.method.name, "config": self.params.model_dump(mode="json"),
-                "method_state": self.ctx.state, "step": self.ctx.step, "best": self.best, "history": self.history,
+                "method_state": self.ctx.state, "step": self.ctx.step, "best": self.best, "phase_best": self.phase_best,
+                "history": self.history,
                 "num_classes": self.data.num_classes, "modalities": self.data.modalities}
 
     def load_state_dict(self, ckpt: dict) -> int:
@@ -306,6 +315,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.ctx.state, self.ctx.step = ckpt["method_state"], ckpt["step"]
         self.best, self.history = ckpt["best"], ckpt["history"]
+        self.phase_best = ckpt.get("phase_best")  # absent in checkpoints before Phase.start
         return epoch + 1
 
     def select_final(self) -> None:

@@ -101,3 +101,32 @@ def test_repeated_step1_phases_share_one_lr_decay():
     step1 = [lr for n, lr in lrs if n.startswith("step1")]
     assert step1 == pytest.approx([0.02] * 6 + [0.002] * 2)
     assert [lr for n, lr in lrs if n.startswith("step2")] == pytest.approx([0.005, 0.005])
+
+
+@pytest.mark.parametrize("start", ["best", "last"])
+def test_crmt_step2_starts_from_step1s_best_validation_epoch(start, monkeypatch):
+    """Step 1's validation accuracy 0.5, 0.9, 0.3: step 2 (encoders frozen, eval mode) trains on epoch 1's encoders
+    with `step2_from: best`, epoch 2's with `last`; a run resumed at the phase boundary does the same."""
+    def trainer():
+        tr = make_trainer(train={"method": "crmt_jt", "epochs": 3, "batch_size": 8, "model": {"width": 4}},
+                          crmt={"step2_epochs": 1, "step2_from": start})
+        scripted, real = iter([0.5, 0.9, 0.3, 0.4]), tr.evaluate
+        monkeypatch.setattr(tr, "evaluate", lambda split: {**real(split), "acc": next(scripted)}
+                            if split != "test" else real(split))
+        return tr
+
+    def encoders(tr):
+        return {k: v.clone() for k, v in tr.model.state_dict().items() if k.startswith("encoders.")}
+    tr, snaps = trainer(), []
+    for epoch in range(3):
+        tr.run_epoch(epoch)
+        snaps.append(encoders(tr))
+    assert [ph.name for ph, _ in tr.schedule] == ["step1.0"] * 3 + ["step2.0"]
+    assert not all(torch.equal(snaps[1][k], snaps[2][k]) for k in snaps[1])
+    ckpt = tr.state_dict(2)
+    tr.run_epoch(3)
+    want = snaps[1] if start == "best" else snaps[2]
+    assert all(torch.equal(v, want[k]) for k, v in encoders(tr).items())
+    resumed = trainer()
+    resumed.run_epoch(resumed.load_state_dict(ckpt))
+    assert all(torch.equal(v, want[k]) for k, v in encoders(resumed).items())

@@ -38,6 +38,9 @@ class Phase:
     # phases with the same `schedule` share one step decay, counted over their epochs together (CRMT's
     # repeated step 1: N phases of a split budget decay where one phase of the whole budget would); None: own
     schedule: str | None = None
+    # "best": begin from the previous phase's best validation epoch (its weights, chosen as the final model is),
+    # e.g. CRMT step 2 on the step-1 encoders JT's selection would keep; "last": from where it stopped
+    start: str = "last"
 
 
 @dataclass

@@ -22,6 +22,8 @@ class CRMTParams(MethodParams):
     step2_lr: float = Field(1e-3, gt=0, description="reference: 3e-5 (with 45 epochs); see docs/decisions.md")
     step2_momentum: float = Field(0.9, ge=0, lt=1)
     step2_weight_decay: float = Field(1e-2, ge=0)
+    step2_from: Literal["best", "last"] = Field("best", description="step 2 starts from step 1's best validation "
+                                                "epoch (as JT's model is selected) or its last one")
     tau_batches: int | None = Field(None, ge=1, description="batches used to estimate τ (None: whole train split)")
     adv_eps: float = Field(0.1, gt=0, description="CRMT-AT training radius (joint l2)")
     adv_steps: int = Field(5, ge=1)

@@ -53,7 +53,7 @@ class CRMTJT(Method):
                 out.append(Phase(f"step2.{i}", self.p.step2_epochs, train_mode=self.p.reference_compat,
                                  lr=self.p.step2_lr,
                                  momentum=self.p.step2_momentum, weight_decay=self.p.step2_weight_decay,
-                                 scheduler=False))
+                                 scheduler=False, start=self.p.step2_from))
         return out
 
     def parameters(self, model, phase):
