@@ -71,7 +71,8 @@ class MMATParams(MethodParams):
 
 
 class MSEFMParams(MethodParams):
-    sim_weight: float = Field(1.0, ge=0, description="λ of the MinSim cosine term")
+    sim_weight: float = Field(0.1, ge=0, description="λ of the MinSim cosine term (paper presets: 1.0; "
+                              "docs/decisions.md)")
     memory_per_class: int = Field(16, ge=1, le=4096, description="clean training features stored per class")
     sparse_lam: float = Field(0.1, ge=0, lt=1, description="l1 weight relative to max_j |<a_j, φ>| (1: all-zero code)")
     sparse_iters: int = Field(100, ge=1, le=10000, description="FISTA iterations at test time")
