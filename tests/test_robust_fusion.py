@@ -326,14 +326,14 @@ def test_ume_mma_trains_only_encoders_and_uni_heads():
 
 # ---------------------------------------------------------------------------------------------- MSEFM
 def test_msefm_cosine_term_and_memory():
-    tr = make_trainer("msefm", epochs=1, memory_per_class=3)
+    tr = make_trainer("msefm", epochs=1, memory_per_class=3, sim_weight=0.5)
     x, y = first_batch(tr)
     tr.model.zero_grad()
     loss, logs = tr.method.loss(tr.model, x, y, tr.ctx)
     out = tr.model(x)
     cos = F.cosine_similarity(out.features["audio"], out.features["visual"], dim=1).mean()
     torch.testing.assert_close(logs["cos"], cos.detach())
-    torch.testing.assert_close(loss, F.cross_entropy(out.logits, y) + cos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, F.cross_entropy(out.logits, y) + 0.5 * cos, atol=1e-5, rtol=1e-5)
     cos.backward()
     assert encoder_grad(tr.model, "audio").abs().sum() > 0
 
